@@ -1,0 +1,137 @@
+"""Deepgram live options a session may ask for, and how they are checked.
+
+Producers are less trusted than workers: an option such as `callback` would make Deepgram post
+transcripts to a third-party URL, and `encoding`/`sample_rate`/`channels` must match the frames the
+worker sends. So options are an allow-list with a type per name; anything else is refused.
+The same check runs in the producer (early, clear error) and in the worker (the authority).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Final
+
+from producer.protocol import ProtocolError
+
+_BOOL: Final = "bool"
+_STR: Final = "str"
+_INT: Final = "int"
+_STR_LIST: Final = "str_list"
+_BOOL_OR_INT: Final = "bool_or_int"
+
+# name -> kind. Deliberately excluded: callback, callback_method (exfiltration), encoding,
+# sample_rate, channels, multichannel (set by the worker from the session's audio format).
+ALLOWED_OPTIONS: Final[dict[str, str]] = {
+    "model": _STR,
+    "language": _STR,
+    "version": _STR,
+    "interim_results": _BOOL,
+    "punctuate": _BOOL,
+    "smart_format": _BOOL,
+    "numerals": _BOOL,
+    "profanity_filter": _BOOL,
+    "dictation": _BOOL,
+    "diarize": _BOOL,
+    "detect_entities": _BOOL,
+    "mip_opt_out": _BOOL,
+    "vad_events": _BOOL,
+    "filler_words": _BOOL,
+    "endpointing": _BOOL_OR_INT,
+    "utterance_end_ms": _INT,
+    "redact": _STR_LIST,
+    "keywords": _STR_LIST,
+    "keyterm": _STR_LIST,
+    "search": _STR_LIST,
+    "replace": _STR_LIST,
+    "tag": _STR_LIST,
+    "extra": _STR_LIST,
+}
+DEFAULT_MODEL: Final = "nova-3"
+MAX_OPTION_TEXT: Final = 256
+MAX_LIST_ITEMS: Final = 100
+_SAFE_TEXT = re.compile(r"^[\w .:,'+\-/@#&%]*$")
+
+
+def validate_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Return the options normalised to Deepgram's query form (strings, lists of strings).
+
+    Raises ProtocolError naming the first offending option.
+    """
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        kind = ALLOWED_OPTIONS.get(name)
+        if kind is None:
+            raise ProtocolError("option_not_allowed", f"Deepgram option {name!r} is not allowed")
+        out[name] = _normalise(name, kind, value)
+    return out
+
+
+def parse_option_pairs(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings (CLI --option) to an options dict; repeated keys make a list."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ProtocolError("bad_option", f"option {pair!r} is not key=value")
+        if name in out:
+            prev = out[name]
+            out[name] = [*prev, value] if isinstance(prev, list) else [prev, value]
+        elif ALLOWED_OPTIONS.get(name) == _STR_LIST:
+            out[name] = [value]
+        else:
+            out[name] = value
+    return validate_options(out)
+
+
+def connect_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as keyword arguments for `listen.v1.connect` (model is required by the SDK)."""
+    kwargs = dict(options)
+    kwargs.setdefault("model", DEFAULT_MODEL)
+    return kwargs
+
+
+def _normalise(name: str, kind: str, value: Any) -> Any:
+    if kind == _BOOL:
+        return _bool(name, value)
+    if kind == _INT:
+        return _int(name, value)
+    if kind == _BOOL_OR_INT:
+        try:
+            return _bool(name, value)
+        except ProtocolError:
+            return _int(name, value)
+    if kind == _STR:
+        return _text(name, value)
+    values = value if isinstance(value, list) else [value]
+    if len(values) > MAX_LIST_ITEMS:
+        raise ProtocolError("bad_option", f"option {name!r} has more than {MAX_LIST_ITEMS} values")
+    return [_text(name, v) for v in values]
+
+
+def _bool(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower()
+    raise ProtocolError("bad_option", f"option {name!r} must be true or false, not {value!r}")
+
+
+def _int(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        raise ProtocolError("bad_option", f"option {name!r} must be an integer")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ProtocolError("bad_option", f"option {name!r} must be an integer, not {value!r}") from None
+    if not 0 <= number <= 600_000:
+        raise ProtocolError("bad_option", f"option {name!r} is out of range: {number}")
+    return str(number)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ProtocolError("bad_option", f"option {name!r} must be text")
+    text = str(value)
+    if len(text) > MAX_OPTION_TEXT or not _SAFE_TEXT.match(text):
+        raise ProtocolError("bad_option", f"option {name!r} has characters or length that are not allowed")
+    return text

@@ -1,0 +1,322 @@
+"""The wire contract between producers, workers and transcript readers.
+
+Everything that names a Redis key, a stream field or an event field lives here, so that
+docs/protocol.md, the producer library and the worker cannot drift apart. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+
+PROTOCOL_VERSION: Final = 1
+DEFAULT_NAMESPACE: Final = "vq"
+WORKERS_GROUP: Final = "workers"
+
+# Fields of a `sessions` stream entry.
+F_SID: Final = "sid"
+F_ENCODING: Final = "encoding"
+F_SAMPLE_RATE: Final = "sample_rate"
+F_CHANNELS: Final = "channels"
+F_FRAME_MS: Final = "frame_ms"
+F_OPTIONS: Final = "options"  # JSON object of Deepgram query options
+F_LABELS: Final = "labels"  # JSON object of str -> str
+F_VERSION: Final = "v"
+SESSION_FIELDS: Final = frozenset(
+    {F_SID, F_ENCODING, F_SAMPLE_RATE, F_CHANNELS, F_FRAME_MS, F_OPTIONS, F_LABELS, F_VERSION}
+)
+REQUIRED_SESSION_FIELDS: Final = frozenset({F_SID})
+
+# Fields of an audio stream entry: a frame carries `seq` and `pcm`; the end marker carries `end`.
+F_SEQ: Final = "seq"
+F_PCM: Final = "pcm"
+F_END: Final = "end"
+F_END_FRAMES: Final = "frames"  # optional on the end marker: how many frames the producer sent
+FRAME_FIELDS: Final = frozenset({F_SEQ, F_PCM})
+END_FIELDS: Final = frozenset({F_END, F_END_FRAMES})
+
+# Fields of a results stream entry. `e` holds the whole event as msgpack; the others repeat a few
+# values as plain strings so that `redis-cli XRANGE` is readable and consumers can filter cheaply.
+R_EVENT: Final = "e"
+R_TYPE: Final = "type"
+R_SID: Final = "sid"
+R_TEXT: Final = "text"
+
+# Event types.
+SESSION_STARTED: Final = "session_started"
+PARTIAL: Final = "partial"
+FINAL: Final = "final"
+SPEECH_STARTED: Final = "speech_started"
+UTTERANCE_END: Final = "utterance_end"
+SESSION_ENDED: Final = "session_ended"
+ERROR: Final = "error"
+EVENT_TYPES: Final = frozenset(
+    {SESSION_STARTED, PARTIAL, FINAL, SPEECH_STARTED, UTTERANCE_END, SESSION_ENDED, ERROR}
+)
+
+# Session statuses kept in the state hash.
+STATUS_ACTIVE: Final = "active"
+STATUS_ENDED: Final = "ended"
+STATUS_FAILED: Final = "failed"
+
+# Reasons carried by `session_ended`.
+END_COMPLETED: Final = "completed"
+END_ABANDONED: Final = "abandoned"
+END_FAILED: Final = "failed"
+END_REJECTED: Final = "rejected"
+
+
+def partition_of(sid: str, partitions: int) -> int:
+    """Stable partition of a session: CRC-32 (IEEE, as zlib/Go/Java compute it) of the UTF-8 id mod P."""
+    return zlib.crc32(sid.encode()) % partitions
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key names of one deployment. All keys of a partition share the hash tag `{p<N>}`."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    partitions: int = 1
+
+    def tag(self, partition: int) -> str:
+        return f"{self.namespace}:{{p{partition}}}"
+
+    def sessions(self, partition: int) -> str:
+        return f"{self.tag(partition)}:sessions"
+
+    def results(self, partition: int) -> str:
+        return f"{self.tag(partition)}:results"
+
+    def dead(self, partition: int) -> str:
+        return f"{self.tag(partition)}:dead"
+
+    def partition(self, sid: str) -> int:
+        return partition_of(sid, self.partitions)
+
+    def session(self, sid: str) -> SessionKeys:
+        p = self.partition(sid)
+        base = f"{self.tag(p)}:s:{sid}"
+        return SessionKeys(
+            sid=sid,
+            partition=p,
+            audio=f"{base}:audio",
+            state=f"{base}:state",
+            results=f"{base}:results",
+            sessions=self.sessions(p),
+            partition_results=self.results(p),
+            dead=self.dead(p),
+        )
+
+    def all_sessions(self) -> list[str]:
+        return [self.sessions(p) for p in range(self.partitions)]
+
+    def all_results(self) -> list[str]:
+        return [self.results(p) for p in range(self.partitions)]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    sid: str
+    partition: int
+    audio: str
+    state: str
+    results: str
+    sessions: str
+    partition_results: str
+    dead: str
+
+
+class ProtocolError(ValueError):
+    """An entry that does not follow the wire contract (bad input from a producer)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFormat:
+    encoding: str = "linear16"
+    sample_rate: int = 16000
+    channels: int = 1
+    frame_ms: int = 20
+
+    @property
+    def frame_bytes(self) -> int:
+        return self.sample_rate * self.channels * 2 * self.frame_ms // 1000
+
+    @property
+    def frame_seconds(self) -> float:
+        return self.frame_ms / 1000.0
+
+    def validate(self) -> None:
+        if self.encoding != "linear16":
+            raise ProtocolError("bad_format", f"encoding {self.encoding!r} is not supported (linear16 only)")
+        if self.sample_rate not in (8000, 16000, 24000, 32000, 44100, 48000):
+            raise ProtocolError("bad_format", f"sample_rate {self.sample_rate} is not supported")
+        if self.channels not in (1, 2):
+            raise ProtocolError("bad_format", f"channels {self.channels} is not supported (1 or 2)")
+        if not 10 <= self.frame_ms <= 250 or (self.sample_rate * self.frame_ms) % 1000:
+            raise ProtocolError("bad_format", f"frame_ms {self.frame_ms} is not supported (10..250)")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStart:
+    """The `sessions` stream entry that announces a session."""
+
+    sid: str
+    format: AudioFormat = field(default_factory=AudioFormat)
+    options: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_fields(self) -> dict[str, str]:
+        return {
+            F_SID: self.sid,
+            F_ENCODING: self.format.encoding,
+            F_SAMPLE_RATE: str(self.format.sample_rate),
+            F_CHANNELS: str(self.format.channels),
+            F_FRAME_MS: str(self.format.frame_ms),
+            F_OPTIONS: json.dumps(self.options, separators=(",", ":"), sort_keys=True),
+            F_LABELS: json.dumps(self.labels, separators=(",", ":"), sort_keys=True),
+            F_VERSION: str(PROTOCOL_VERSION),
+        }
+
+    @classmethod
+    def from_fields(cls, raw: dict[bytes, bytes] | dict[str, str]) -> SessionStart:
+        fields = {_text(k): v for k, v in raw.items()}
+        unknown = set(fields) - SESSION_FIELDS
+        if unknown:
+            raise ProtocolError("unknown_fields", f"session entry has unknown fields: {sorted(unknown)}")
+        missing = REQUIRED_SESSION_FIELDS - set(fields)
+        if missing:
+            raise ProtocolError("missing_fields", f"session entry lacks fields: {sorted(missing)}")
+        sid = _text(fields[F_SID])
+        validate_sid(sid)
+        try:
+            fmt = AudioFormat(
+                encoding=_text(fields.get(F_ENCODING, "linear16")),
+                sample_rate=int(fields.get(F_SAMPLE_RATE, 16000)),
+                channels=int(fields.get(F_CHANNELS, 1)),
+                frame_ms=int(fields.get(F_FRAME_MS, 20)),
+            )
+        except ValueError as exc:
+            raise ProtocolError("bad_format", f"audio format fields are not integers: {exc}") from None
+        fmt.validate()
+        options = _json_object(fields.get(F_OPTIONS), "options")
+        labels = _json_object(fields.get(F_LABELS), "labels")
+        if not all(isinstance(v, str) for v in labels.values()):
+            raise ProtocolError("bad_labels", "labels must map strings to strings")
+        return cls(sid=sid, format=fmt, options=options, labels=labels)
+
+
+MAX_SID_LENGTH: Final = 128
+
+
+def validate_sid(sid: str) -> None:
+    """A session id becomes part of key names: keep it printable and free of hash-tag braces."""
+    if not sid or len(sid) > MAX_SID_LENGTH:
+        raise ProtocolError("bad_sid", f"session id must be 1..{MAX_SID_LENGTH} characters")
+    if any(c in sid for c in "{}: \t\r\n") or not sid.isprintable():
+        raise ProtocolError("bad_sid", "session id must not contain braces, colons, whitespace or control characters")
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    seq: int
+    pcm: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndMarker:
+    frames: int | None = None
+
+
+def frame_fields(seq: int, pcm: bytes) -> dict[str, bytes | str]:
+    return {F_SEQ: str(seq), F_PCM: pcm}
+
+
+def end_fields(frames: int | None = None) -> dict[str, str]:
+    out = {F_END: "1"}
+    if frames is not None:
+        out[F_END_FRAMES] = str(frames)
+    return out
+
+
+def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | EndMarker:
+    """Decode one audio stream entry, raising ProtocolError for anything off-contract."""
+    if b"end" in raw:
+        unknown = {_text(k) for k in raw} - END_FIELDS
+        if unknown:
+            raise ProtocolError("unknown_fields", f"end marker has unknown fields: {sorted(unknown)}")
+        frames = raw.get(b"frames")
+        try:
+            return EndMarker(int(frames) if frames is not None else None)
+        except ValueError:
+            raise ProtocolError("bad_end", "end marker `frames` is not an integer") from None
+    pcm = raw.get(b"pcm")
+    seq_raw = raw.get(b"seq")
+    if pcm is None or seq_raw is None or len(raw) != 2:
+        names = sorted(_text(k) for k in raw)
+        raise ProtocolError("bad_entry", f"audio entry must have exactly `seq` and `pcm` (or `end`), got {names}")
+    try:
+        seq = int(seq_raw)
+    except ValueError:
+        raise ProtocolError("bad_seq", "frame `seq` is not an integer") from None
+    if seq < 0:
+        raise ProtocolError("bad_seq", f"frame seq {seq} is negative")
+    if len(pcm) != frame_bytes:
+        raise ProtocolError("bad_frame_size", f"frame {seq} has {len(pcm)} bytes, expected {frame_bytes}")
+    return Frame(seq, pcm)
+
+
+# ----------------------------------------------------------------------------------------- events
+
+
+def event_id(sid: str, kind: str, detail: str) -> str:
+    """Deterministic id: the same transcript of the same frames always gets the same id."""
+    return f"{sid}/{kind}/{detail}"
+
+
+def encode_event(event: dict[str, Any]) -> dict[str, bytes | str]:
+    """The results stream fields for one event."""
+    return {
+        R_TYPE: event["type"],
+        R_SID: event["sid"],
+        R_TEXT: event.get("transcript", "") or "",
+        R_EVENT: msgpack.packb(event, use_bin_type=True),
+    }
+
+
+def decode_event(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    blob = raw.get(R_EVENT.encode())
+    if blob is None:
+        raise ProtocolError("bad_event", "results entry has no `e` field")
+    event = msgpack.unpackb(blob, raw=False)
+    if not isinstance(event, dict):
+        raise ProtocolError("bad_event", "results entry `e` is not a map")
+    return event
+
+
+def _text(value: bytes | str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("bad_encoding", "entry field is not valid UTF-8") from None
+    return value
+
+
+def _json_object(value: bytes | str | None, name: str) -> dict[str, Any]:
+    if value is None or value in (b"", ""):
+        return {}
+    try:
+        obj = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(f"bad_{name}", f"`{name}` is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"bad_{name}", f"`{name}` must be a JSON object")
+    return obj
