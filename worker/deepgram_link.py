@@ -1,0 +1,66 @@
+"""Opening Deepgram live connections through the official SDK, and nothing more.
+
+The SDK neither reconnects nor sends KeepAlive; the session runner does both. This module only
+builds the client once per worker and opens one connection with a bounded handshake time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deepgram import AsyncDeepgramClient
+from deepgram.environment import DeepgramClientEnvironment
+from deepgram.listen.v1.socket_client import AsyncV1SocketClient
+
+from producer.options import connect_kwargs
+from producer.protocol import AudioFormat
+
+
+def http_base(ws_url: str) -> str:
+    return (
+        "https://" + ws_url.removeprefix("wss://")
+        if ws_url.startswith("wss://")
+        else ("http://" + ws_url.removeprefix("ws://"))
+    )
+
+
+class DeepgramLink:
+    def __init__(self, url: str, api_key: str, connect_timeout: float) -> None:
+        base = http_base(url)
+        environment = DeepgramClientEnvironment(base=base, production=url, agent=url, agent_rest=base)
+        # The emulator accepts any key; the SDK insists on one, so give it a harmless placeholder.
+        self.client = AsyncDeepgramClient(api_key=api_key or "voxqueue-emulator", environment=environment)
+        self.connect_timeout = connect_timeout
+
+    @contextlib.asynccontextmanager
+    async def connect(self, options: dict[str, Any], fmt: AudioFormat) -> AsyncIterator[AsyncV1SocketClient]:
+        kwargs = connect_kwargs(options)
+        kwargs.update(encoding=fmt.encoding, sample_rate=str(fmt.sample_rate), channels=str(fmt.channels))
+        async with contextlib.AsyncExitStack() as stack:
+            async with asyncio.timeout(self.connect_timeout):
+                conn = await stack.enter_async_context(self.client.listen.v1.connect(**kwargs))
+            try:
+                yield conn
+            except BaseException:
+                # Leaving `async with` would run the closing handshake, which waits up to 10 s on a
+                # half-open socket; after a failure there is nothing left to say, so drop it now.
+                abort(conn)
+                raise
+
+
+def abort(conn: AsyncV1SocketClient) -> None:
+    transport = getattr(getattr(conn, "_websocket", None), "transport", None)
+    if transport is not None:
+        transport.abort()
+
+
+def request_id_of(conn: AsyncV1SocketClient) -> str:
+    """Deepgram's request id from the handshake response (`dg-request-id`), for logs and events."""
+    ws = getattr(conn, "_websocket", None)
+    headers = getattr(ws, "response_headers", None)
+    if headers is None:
+        return ""
+    return str(headers.get("dg-request-id", ""))

@@ -1,0 +1,136 @@
+"""Transcript events built from Deepgram messages, in the schema of docs/protocol.md.
+
+Pure: takes the SDK's typed messages and the session's ledger, returns plain dicts. Times are
+converted from connection-relative (Deepgram restarts at 0 per connection) to session-relative.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from producer import protocol as p
+from worker.ledger import Commit, FrameLedger
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(slots=True)
+class EventFactory:
+    sid: str
+    epoch: int
+    ledger: FrameLedger
+
+    def _base(self, kind: str, detail: str) -> dict[str, Any]:
+        return {
+            "v": p.PROTOCOL_VERSION,
+            "id": p.event_id(self.sid, kind, detail),
+            "type": kind,
+            "sid": self.sid,
+            "ts": now_ms(),
+            "epoch": self.epoch,
+        }
+
+    def transcript(self, msg: Any, commit: Commit | None) -> dict[str, Any]:
+        """A `final` (with the frames it covers) or a `partial` from a Results message."""
+        is_final = bool(msg.is_final)
+        alt = msg.channel.alternatives[0] if msg.channel.alternatives else None
+        start = self.ledger.session_time(msg.start)
+        end = self.ledger.session_time(msg.start + msg.duration)
+        if commit is not None:
+            seq_from, seq_to = commit.seq_from, commit.seq_to
+        else:
+            seq_from = self.ledger.seq_at(msg.start)
+            seq_to = max(seq_from, self.ledger.seq_at(msg.start + msg.duration) - 1)
+        kind = p.FINAL if is_final else p.PARTIAL
+        event = self._base(kind, f"{seq_from}-{seq_to}")
+        event.update(
+            start=start,
+            end=end,
+            transcript=alt.transcript if alt else "",
+            confidence=float(alt.confidence) if alt else 0.0,
+            words=[self._word(w) for w in alt.words] if alt else [],
+            is_final=is_final,
+            speech_final=bool(msg.speech_final),
+            from_finalize=bool(msg.from_finalize),
+            request_id=msg.metadata.request_id if msg.metadata else "",
+            channel=0,
+            seq_from=seq_from,
+            seq_to=seq_to,
+        )
+        return event
+
+    def _word(self, w: Any) -> dict[str, Any]:
+        word: dict[str, Any] = {
+            "word": w.word,
+            "start": self.ledger.session_time(w.start),
+            "end": self.ledger.session_time(w.end),
+            "confidence": float(w.confidence),
+        }
+        if w.punctuated_word is not None:
+            word["punctuated_word"] = w.punctuated_word
+        if w.speaker is not None:
+            word["speaker"] = w.speaker
+        return word
+
+    def speech_started(self, msg: Any, request_id: str) -> dict[str, Any]:
+        start = self.ledger.session_time(msg.timestamp)
+        event = self._base(p.SPEECH_STARTED, str(self.ledger.seq_at(msg.timestamp)))
+        event.update(start=start, request_id=request_id)
+        return event
+
+    def utterance_end(self, msg: Any, request_id: str) -> dict[str, Any]:
+        end = self.ledger.session_time(msg.last_word_end)
+        event = self._base(p.UTTERANCE_END, str(self.ledger.seq_at(msg.last_word_end)))
+        event.update(end=end, request_id=request_id)
+        return event
+
+    def session_started(self, start: p.SessionStart, worker: str) -> dict[str, Any]:
+        event = self._base(p.SESSION_STARTED, "0")
+        fmt = start.format
+        event.update(
+            format={
+                "encoding": fmt.encoding,
+                "sample_rate": fmt.sample_rate,
+                "channels": fmt.channels,
+                "frame_ms": fmt.frame_ms,
+            },
+            options=start.options,
+            labels=start.labels,
+            worker=worker,
+        )
+        return event
+
+    def session_ended(self, reason: str, frames: int, finals: int, detail: str = "") -> dict[str, Any]:
+        event = self._base(p.SESSION_ENDED, "end")
+        event.update(
+            reason=reason,
+            frames=frames,
+            audio_seconds=round(frames * self.ledger.frame_seconds, 3),
+            finals=finals,
+        )
+        if detail:
+            event["detail"] = detail
+        return event
+
+    def error(self, code: str, message: str, fatal: bool, ordinal: int) -> dict[str, Any]:
+        event = self._base(p.ERROR, f"{code}/{self.epoch}.{ordinal}")
+        event.update(code=code, message=message, fatal=fatal)
+        return event
+
+
+def standalone_event(sid: str, kind: str, detail: str, **fields: Any) -> dict[str, Any]:
+    """An event for a session no worker runs (rejected or dead-lettered before it started)."""
+    event: dict[str, Any] = {
+        "v": p.PROTOCOL_VERSION,
+        "id": p.event_id(sid, kind, detail),
+        "type": kind,
+        "sid": sid,
+        "ts": now_ms(),
+        "epoch": 0,
+    }
+    event.update(fields)
+    return event

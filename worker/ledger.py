@@ -1,0 +1,158 @@
+"""Frame bookkeeping of one session: which frames were sent, which a final covers, what time it is.
+
+Pure logic, no I/O. The rules it encodes are the delivery guarantees of ARCHITECTURE §4:
+
+* Frames go to Deepgram in seq order, each at least once; a seq already sent on this connection is
+  a duplicate (a producer retry, or the same entry read twice) and is not sent again.
+* A frame is committed (acked) only when a final result covers it; after a reconnect or takeover
+  sending restarts at the first uncommitted frame (`rewind`).
+* Deepgram's clock restarts at 0 on every connection; session time = connection time + the time of
+  the first frame sent on that connection (`seq × frame duration`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+def stream_id_key(entry_id: bytes) -> tuple[int, int]:
+    """Stream ids compare as (milliseconds, sequence) numbers, not as strings."""
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+class Admission(Enum):
+    SEND = "send"  # the next frame: send it
+    DUPLICATE = "duplicate"  # already sent (or committed): skip it
+    GAP = "gap"  # frames are missing before it: fill them, then send it
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Frames a final covers: [seq_from, seq_to], their entry ids to ack, and the new commit point."""
+
+    seq_from: int
+    seq_to: int
+    entry_ids: tuple[bytes, ...]
+    last_entry_id: bytes | None
+
+
+@dataclass(slots=True)
+class FrameLedger:
+    frame_seconds: float = 0.02
+    committed_seq: int = -1
+    committed_id: bytes = b"0-0"
+    next_seq: int = 0
+    connection_base_seq: int = 0
+    # (seq, entry id or None for silence we filled in) of frames sent but not yet covered by a final.
+    unacked: deque[tuple[int, bytes | None]] = field(default_factory=deque)
+    # Entry ids to ack with the next commit that no final will cover (duplicates of committed frames).
+    stray_ids: list[bytes] = field(default_factory=list)
+
+    @classmethod
+    def resume(cls, committed_seq: int, committed_id: bytes, frame_seconds: float = 0.02) -> FrameLedger:
+        ledger = cls(frame_seconds=frame_seconds, committed_seq=committed_seq, committed_id=committed_id)
+        ledger.rewind()
+        return ledger
+
+    # -------------------------------------------------------------------------------- sending
+
+    def admit(self, seq: int, entry_id: bytes | None) -> tuple[Admission, int]:
+        """Classify an incoming frame. For GAP, the int is how many frames are missing before it."""
+        if seq < self.next_seq:
+            self._note_duplicate(seq, entry_id)
+            return Admission.DUPLICATE, 0
+        if seq > self.next_seq:
+            return Admission.GAP, seq - self.next_seq
+        return Admission.SEND, 0
+
+    def record_sent(self, seq: int, entry_id: bytes | None) -> None:
+        if seq != self.next_seq:
+            raise ValueError(f"frame {seq} sent out of order (expected {self.next_seq})")
+        self.unacked.append((seq, entry_id))
+        self.next_seq = seq + 1
+
+    def _note_duplicate(self, seq: int, entry_id: bytes | None) -> None:
+        if entry_id is None:
+            return
+        if seq <= self.committed_seq:
+            if stream_id_key(entry_id) > stream_id_key(
+                self.committed_id
+            ):  # a later copy of a committed frame: ack it, never send it
+                self.stray_ids.append(entry_id)
+            return
+        for sent_seq, sent_id in self.unacked:
+            if sent_seq == seq:
+                if sent_id != entry_id:
+                    self.stray_ids.append(entry_id)
+                return
+
+    def rewind(self) -> None:
+        """Start over from the first uncommitted frame (new connection, or a new owner)."""
+        self.next_seq = self.committed_seq + 1
+        self.unacked.clear()
+        self.connection_base_seq = self.next_seq
+
+    def start_connection(self) -> None:
+        self.rewind()
+
+    @property
+    def sent_on_connection(self) -> int:
+        return self.next_seq - self.connection_base_seq
+
+    @property
+    def pending_frames(self) -> int:
+        return len(self.unacked)
+
+    # -------------------------------------------------------------------------------- finals
+
+    def coverage(self, start: float, duration: float) -> Commit | None:
+        """Frames covered by a final that ends at `start + duration` on the current connection.
+
+        Returns None when it covers nothing that is not already committed (an empty or repeated
+        final). Only frames actually sent can be covered, whatever the server claims.
+        """
+        frames_covered = round((start + duration) / self.frame_seconds)
+        last = min(self.connection_base_seq + frames_covered - 1, self.next_seq - 1)
+        if last <= self.committed_seq:
+            return None
+        ids: list[bytes] = []
+        last_id: bytes | None = None
+        for seq, entry_id in self.unacked:
+            if seq > last:
+                break
+            if entry_id is not None:
+                ids.append(entry_id)
+                last_id = entry_id
+        ids.extend(self.stray_ids)
+        return Commit(self.committed_seq + 1, last, tuple(ids), last_id)
+
+    def apply(self, commit: Commit) -> None:
+        """The commit is durable in Redis: forget the covered frames."""
+        while self.unacked and self.unacked[0][0] <= commit.seq_to:
+            self.unacked.popleft()
+        self.committed_seq = max(self.committed_seq, commit.seq_to)
+        last = commit.last_entry_id
+        if last is not None and stream_id_key(last) > stream_id_key(self.committed_id):
+            self.committed_id = last
+        acked = set(commit.entry_ids)
+        self.stray_ids = [i for i in self.stray_ids if i not in acked]
+
+    def remaining_ids(self) -> list[bytes]:
+        """Everything still unacked, for the end of the session."""
+        return [i for _, i in self.unacked if i is not None] + list(self.stray_ids)
+
+    # -------------------------------------------------------------------------------- time
+
+    @property
+    def connection_offset(self) -> float:
+        return round(self.connection_base_seq * self.frame_seconds, 6)
+
+    def session_time(self, connection_time: float) -> float:
+        return round(self.connection_base_seq * self.frame_seconds + connection_time, 6)
+
+    def seq_at(self, connection_time: float) -> int:
+        """The seq of the frame playing at a connection-relative time."""
+        return self.connection_base_seq + int(connection_time / self.frame_seconds + 1e-9)

@@ -1,0 +1,161 @@
+"""Lua scripts: every step that must be atomic and fenced runs inside Redis as one script.
+
+All keys a script touches belong to one session's partition and share its `{p<N>}` hash tag, so
+the scripts also run unchanged on Redis Cluster. Every script that publishes or acks first compares
+the caller's epoch with the session's epoch: a worker that lost the session (paused, partitioned,
+replaced) can never write after the takeover (fencing).
+
+Results entries are written as: type, sid, text, e (msgpack event), in that ARGV order.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# KEYS: state. ARGV: owner, max_takeovers, now_ms, sessions_entry_id
+# Returns {status, epoch, committed_seq, committed_id, frames, finals, takeovers}
+ACQUIRE: Final = """
+local status = redis.call('HGET', KEYS[1], 'status')
+local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+if status == 'ended' or status == 'failed' then
+  return {'done', epoch, -1, '0-0', 0, 0, 0}
+end
+local takeovers = tonumber(redis.call('HGET', KEYS[1], 'takeovers') or '0')
+if redis.call('HGET', KEYS[1], 'released') == '1' then
+  redis.call('HDEL', KEYS[1], 'released')
+elseif status then
+  takeovers = redis.call('HINCRBY', KEYS[1], 'takeovers', 1)
+end
+redis.call('HSET', KEYS[1], 'status', 'active', 'owner', ARGV[1], 'claimed_at', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'start_id', ARGV[4])
+redis.call('PERSIST', KEYS[1])
+if takeovers > tonumber(ARGV[2]) then
+  return {'poison', epoch, -1, '0-0', 0, 0, takeovers}
+end
+return {'ok', epoch,
+  tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1'),
+  redis.call('HGET', KEYS[1], 'committed_id') or '0-0',
+  tonumber(redis.call('HGET', KEYS[1], 'frames') or '0'),
+  tonumber(redis.call('HGET', KEYS[1], 'finals') or '0'),
+  takeovers}
+"""
+
+# KEYS: state, session results, partition results, audio
+# ARGV: epoch, seq_to, last_id ('' = none), maxlen, publish ('1'/'0'), type, sid, text, e, ids...
+# Publishes a final and acks the frames it covers in one step. Idempotent: a retry after an
+# ambiguous failure (connection lost after sending) sees committed_seq >= seq_to and does nothing.
+COMMIT: Final = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
+local committed = tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1')
+local seq_to = tonumber(ARGV[2])
+if committed >= seq_to then return 'dup' end
+if ARGV[5] == '1' then
+  local fields = {'type', ARGV[6], 'sid', ARGV[7], 'text', ARGV[8], 'e', ARGV[9]}
+  redis.call('XADD', KEYS[2], '*', unpack(fields))
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+  redis.call('HINCRBY', KEYS[1], 'finals', 1)
+end
+for i = 10, #ARGV, 500 do
+  local last = math.min(i + 499, #ARGV)
+  redis.call('XACK', KEYS[4], 'workers', unpack(ARGV, i, last))
+end
+redis.call('HSET', KEYS[1], 'committed_seq', seq_to)
+redis.call('HSET', KEYS[1], 'frames', seq_to + 1)
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'committed_id', ARGV[3]) end
+return 'ok'
+"""
+
+# KEYS: state, session results, partition results
+# ARGV: epoch, maxlen, once_flag ('' = always), type, sid, text, e
+# Best-effort events (partial, speech_started, utterance_end, session_started, error). With a
+# once_flag the event is published at most once per session, whichever owner gets there first.
+PUBLISH: Final = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
+if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[1], ARGV[3], '1') == 0 then return 'dup' end
+local fields = {'type', ARGV[4], 'sid', ARGV[5], 'text', ARGV[6], 'e', ARGV[7]}
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+return 'ok'
+"""
+
+# KEYS: state, session results, partition results, audio, sessions, dead
+# ARGV: epoch, maxlen, sessions_entry_id, retention_s, status, reason, type, sid, text, e,
+#       dead_reason ('' = no dead letter), frames, ids...
+# Ends a session: publishes session_ended, acks every frame still pending and the session's entry
+# in the sessions stream (the lease), and gives the session's keys the retention TTL.
+FINISH: Final = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'ended' or status == 'failed' then return 'dup' end
+local fields = {'type', ARGV[7], 'sid', ARGV[8], 'text', ARGV[9], 'e', ARGV[10]}
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+for i = 13, #ARGV, 500 do
+  local last = math.min(i + 499, #ARGV)
+  redis.call('XACK', KEYS[4], 'workers', unpack(ARGV, i, last))
+end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  local ok, pending = pcall(redis.call, 'XPENDING', KEYS[4], 'workers', '-', '+', 10000)
+  if ok then
+    for _, p in ipairs(pending) do redis.call('XACK', KEYS[4], 'workers', p[1]) end
+  end
+end
+redis.call('XACK', KEYS[5], 'workers', ARGV[3])
+if ARGV[11] ~= '' then
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'sid', ARGV[8], 'reason', ARGV[11],
+    'stream', KEYS[5], 'entry', ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[5], 'reason', ARGV[6], 'ended_at', redis.call('TIME')[1],
+  'frames', ARGV[12])
+redis.call('HDEL', KEYS[1], 'owner')
+local ttl = tonumber(ARGV[4])
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('EXPIRE', KEYS[4], ttl) end
+return 'ok'
+"""
+
+# KEYS: sessions stream, state keys... ARGV: consumer, (entry_id, epoch) per state key
+# Renews the leases this worker still holds (resets the pending entries' idle time) and reports
+# the ones it lost: index (1-based) of each lost session.
+RENEW: Final = """
+local lost = {}
+for i = 2, #KEYS do
+  local entry = ARGV[(i - 1) * 2]
+  local epoch = ARGV[(i - 1) * 2 + 1]
+  if redis.call('HGET', KEYS[i], 'epoch') == epoch and redis.call('HGET', KEYS[i], 'owner') == ARGV[1] then
+    local claimed = redis.call('XCLAIM', KEYS[1], 'workers', ARGV[1], 0, entry, 'JUSTID')
+    if #claimed == 0 then table.insert(lost, i - 1) end
+  else
+    table.insert(lost, i - 1)
+  end
+end
+return lost
+"""
+
+# KEYS: sessions stream, state. ARGV: consumer, entry_id, epoch
+# Hands a session over at once (drain): fences this owner and makes the lease look long expired,
+# so the next XAUTOCLAIM anywhere takes it instead of waiting out the lease.
+RELEASE: Final = """
+if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[3] then return 'fenced' end
+redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+redis.call('HSET', KEYS[2], 'released', '1')
+redis.call('HDEL', KEYS[2], 'owner')
+redis.call('XCLAIM', KEYS[1], 'workers', ARGV[1], 0, ARGV[2], 'IDLE', 1000000000, 'JUSTID')
+return 'ok'
+"""
+
+# KEYS: state, session results, partition results, dead
+# ARGV: epoch, maxlen, flag, stream, entry_id, reason, type, sid, text, e
+# Reports one bad entry once: an error event and a dead letter, idempotent across replays.
+REJECT_ENTRY: Final = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
+if redis.call('HSETNX', KEYS[1], ARGV[3], '1') == 0 then return 'dup' end
+local fields = {'type', ARGV[7], 'sid', ARGV[8], 'text', ARGV[9], 'e', ARGV[10]}
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'sid', ARGV[8], 'reason', ARGV[6],
+  'stream', ARGV[4], 'entry', ARGV[5])
+return 'ok'
+"""

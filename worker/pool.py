@@ -1,0 +1,364 @@
+"""The worker process: claims sessions, keeps their leases, runs them, drains on SIGTERM.
+
+Leases (ARCHITECTURE §3): a session's entry in its partition's `sessions` stream stays pending in
+the `workers` group while a worker owns it, so the group's pending list is the lease table. The
+owner renews by resetting the entry's idle time (fenced RENEW script); any worker XAUTOCLAIMs
+entries idle longer than the lease, which is how a crashed worker's sessions move on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import uuid
+from dataclasses import dataclass
+
+import structlog
+from redis.exceptions import ResponseError
+
+from producer import protocol as p
+from worker.audio_reader import AudioReader
+from worker.backoff import Backoff
+from worker.config import Settings
+from worker.deepgram_link import DeepgramLink
+from worker.events import standalone_event
+from worker.metrics import METRICS
+from worker.session_runner import SessionRunner, WorkerContext
+from worker.store import TRANSIENT_REDIS_ERRORS, Fenced, SessionStore, connect_redis
+
+log = structlog.get_logger("voxqueue.worker")
+
+
+@dataclass(slots=True)
+class Owned:
+    runner: SessionRunner
+    task: asyncio.Task[None]
+    entry_id: bytes
+    sessions_key: str
+
+
+def default_consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.consumer = settings.consumer_name or default_consumer_name()
+        self.keys = p.Keys(settings.namespace, settings.partitions)
+        self.redis = connect_redis(settings.redis_url)
+        self.claim_redis = connect_redis(settings.redis_url, blocking=True)
+        self.read_redis = connect_redis(settings.redis_url, blocking=True)
+        self.store = SessionStore(
+            self.redis,
+            self.keys,
+            results_maxlen=settings.results_maxlen,
+            retention=settings.retention_seconds,
+        )
+        self.reader = AudioReader(self.read_redis, self.consumer, count=settings.read_count)
+        self.link = DeepgramLink(settings.deepgram_url, settings.api_key(), settings.connect_timeout)
+        self.ctx = WorkerContext(settings, self.store, self.reader, self.link, self.consumer)
+        self.owned: dict[str, Owned] = {}
+        self.claiming = True
+        self.stop_requested = asyncio.Event()
+        self.hard_stop = asyncio.Event()
+        self.log = log.bind(worker=self.consumer)
+
+    @property
+    def free(self) -> int:
+        return max(0, self.settings.concurrency - len(self.owned)) if self.claiming else 0
+
+    # ------------------------------------------------------------------------------ main
+
+    async def run(self) -> None:
+        self.log.info(
+            "worker starting",
+            concurrency=self.settings.concurrency,
+            partitions=self.settings.partitions,
+            deepgram=self.settings.deepgram_url,
+        )
+        await self._ensure_session_groups()
+        background = [
+            asyncio.create_task(self.reader.run(), name="reader"),
+            asyncio.create_task(self._claim_new(), name="claim"),
+            asyncio.create_task(self._take_over_expired(), name="autoclaim"),
+            asyncio.create_task(self._renew_leases(), name="renew"),
+        ]
+        try:
+            stop = asyncio.create_task(self.stop_requested.wait())
+            done, _ = await asyncio.wait([stop, *background], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop and task.exception():
+                    raise task.exception()  # type: ignore[misc]
+            await self._drain()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            for client in (self.redis, self.claim_redis, self.read_redis):
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+            self.log.info("worker stopped")
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        if self.stop_requested.is_set():
+            self.log.warning("second signal: exiting now; leases will expire", signal=sig.name)
+            self.hard_stop.set()
+            for owned in self.owned.values():
+                owned.task.cancel()
+            return
+        self.log.info("signal received: draining", signal=sig.name, sessions=len(self.owned))
+        self.claiming = False
+        self.stop_requested.set()
+
+    async def _ensure_session_groups(self) -> None:
+        backoff = Backoff(0.1, 2.0)
+        while True:
+            try:
+                for key in self.keys.all_sessions():
+                    await self.store.ensure_group(key, "0")
+                return
+            except TRANSIENT_REDIS_ERRORS as exc:
+                delay = backoff.next_delay()
+                self.log.warning("redis unavailable at start-up, retrying", error=type(exc).__name__)
+                await asyncio.sleep(delay)
+
+    # ------------------------------------------------------------------------------ claiming
+
+    async def _claim_new(self) -> None:
+        """New sessions: XREADGROUP on the sessions streams, never more than free capacity."""
+        backoff = Backoff(0.05, 2.0)
+        streams = dict.fromkeys(self.keys.all_sessions(), ">")
+        while True:
+            free = self.free
+            if free == 0:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                reply = await self.claim_redis.xreadgroup(
+                    p.WORKERS_GROUP, self.consumer, streams, count=free, block=self.settings.claim_block_ms
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._ensure_session_groups()
+                continue
+            except TRANSIENT_REDIS_ERRORS as exc:
+                await self._pause_after(backoff, exc)
+                continue
+            backoff.reset()
+            for key, entries in reply or []:
+                for entry_id, fields in entries:
+                    await self._start_session(key.decode(), entry_id, fields, how="new")
+
+    async def _take_over_expired(self) -> None:
+        """Sessions whose owner stopped renewing (crashed, frozen, released on drain)."""
+        backoff = Backoff(0.05, 2.0)
+        min_idle = int(self.settings.lease_seconds * 1000)
+        while True:
+            await asyncio.sleep(self.settings.renew_seconds)
+            for key in self.keys.all_sessions():
+                if self.free == 0:
+                    break
+                try:
+                    entries = await self._autoclaim(key, min_idle, self.free)
+                except TRANSIENT_REDIS_ERRORS as exc:
+                    await self._pause_after(backoff, exc)
+                    break
+                for entry_id, fields in entries:
+                    await self._start_session(key, entry_id, fields, how="takeover")
+
+    async def _autoclaim(self, key: str, min_idle: int, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        # Raw command: the reply has 2 elements on Redis 6.2 and 3 on 7.x (deleted ids); read only
+        # the claimed entries, which come second in both.
+        reply = await self.redis.execute_command(
+            "XAUTOCLAIM", key, p.WORKERS_GROUP, self.consumer, min_idle, "0-0", "COUNT", count
+        )
+        claimed = reply[1] if reply and len(reply) >= 2 else []
+        out = []
+        for item in claimed:
+            if item is None:  # an entry deleted from the stream while pending (Redis 6.2 reports nil)
+                continue
+            entry_id, flat = item[0], item[1]
+            if flat is None:
+                continue
+            out.append((entry_id, dict(zip(flat[::2], flat[1::2], strict=False))))
+        return out
+
+    async def _start_session(
+        self, sessions_key: str, entry_id: bytes, raw: dict[bytes, bytes], how: str
+    ) -> None:
+        try:
+            start = p.SessionStart.from_fields(raw)
+        except p.ProtocolError as exc:
+            await self._reject_session(sessions_key, entry_id, raw, exc)
+            return
+        if start.sid in self.owned:
+            return  # our own lease, re-delivered: we are running it already
+        sk = self.keys.session(start.sid)
+        if sk.sessions != sessions_key:
+            exc = p.ProtocolError("wrong_partition", f"session {start.sid} belongs in {sk.sessions}")
+            await self._reject_session(sessions_key, entry_id, raw, exc)
+            return
+        try:
+            acquired = await self.store.acquire(sk, self.consumer, self.settings.max_takeovers, entry_id)
+        except TRANSIENT_REDIS_ERRORS as exc:
+            self.log.warning(
+                "could not acquire session; it will be retried", sid=start.sid, error=type(exc).__name__
+            )
+            return
+        if acquired.status == "done":
+            await self.store.ack_session_entry(sessions_key, entry_id)
+            return
+        await self.store.ensure_group(sk.audio, "0")
+        runner = SessionRunner(self.ctx, start, entry_id, acquired)
+        if acquired.status == "poison":
+            self.log.error(
+                "session keeps killing workers: failing it", sid=start.sid, takeovers=acquired.takeovers
+            )
+            task = asyncio.create_task(self._fail_poison(runner, acquired.takeovers))
+        else:
+            task = asyncio.create_task(runner.run(), name=f"session:{start.sid}")
+        self.owned[start.sid] = Owned(runner, task, entry_id, sessions_key)
+        METRICS.sessions_claimed.labels(how).inc()
+        METRICS.sessions_active.set(len(self.owned))
+        task.add_done_callback(lambda t, sid=start.sid: self._session_done(sid, t))
+        self.log.info(
+            "session claimed",
+            sid=start.sid,
+            how=how,
+            epoch=acquired.epoch,
+            resume_seq=acquired.committed_seq + 1,
+        )
+
+    async def _fail_poison(self, runner: SessionRunner, takeovers: int) -> None:
+        from worker.session_runner import Outcome
+
+        detail = f"taken over {takeovers} times: crash loop"
+        await runner._end(
+            Outcome("failed", p.END_FAILED, detail, dead_reason=detail), error_code="crash_loop"
+        )
+
+    def _session_done(self, sid: str, task: asyncio.Task[None]) -> None:
+        self.owned.pop(sid, None)
+        METRICS.sessions_active.set(len(self.owned))
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, Fenced):
+            METRICS.sessions_lost.inc()
+            self.log.warning("lost the session to another worker; dropped it without writing", sid=sid)
+        elif exc is not None:
+            self.log.error("session crashed", sid=sid, error=repr(exc), exc_info=exc)
+
+    async def _reject_session(
+        self, sessions_key: str, entry_id: bytes, raw: dict[bytes, bytes], exc: p.ProtocolError
+    ) -> None:
+        """A session entry we cannot run: dead-letter it and tell the producer, if it named a sid."""
+        METRICS.bad_entries.labels(exc.code).inc()
+        sid_raw = raw.get(b"sid", b"")
+        sid = sid_raw.decode(errors="replace")
+        self.log.warning("rejected session entry", entry=entry_id.decode(), code=exc.code, reason=str(exc))
+        partition = int(sessions_key.split("{p", 1)[1].split("}", 1)[0])
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(
+            self.keys.dead(partition),
+            {"reason": f"{exc.code}: {exc}", "sid": sid_raw, "stream": sessions_key, "entry": entry_id},
+        )
+        try:
+            p.validate_sid(sid)
+            sk = self.keys.session(sid)
+            if sk.partition == partition:
+                for event in (
+                    standalone_event(sid, p.ERROR, exc.code, code=exc.code, message=str(exc), fatal=True),
+                    standalone_event(
+                        sid,
+                        p.SESSION_ENDED,
+                        "end",
+                        reason=p.END_REJECTED,
+                        frames=0,
+                        audio_seconds=0.0,
+                        finals=0,
+                        detail=str(exc),
+                    ),
+                ):
+                    fields = p.encode_event(event)
+                    pipe.xadd(sk.results, fields)
+                    pipe.xadd(
+                        sk.partition_results, fields, maxlen=self.settings.results_maxlen, approximate=True
+                    )
+                pipe.expire(sk.results, self.settings.retention_seconds)
+        except p.ProtocolError:
+            pass
+        pipe.xack(sessions_key, p.WORKERS_GROUP, entry_id)
+        await pipe.execute()
+
+    # ------------------------------------------------------------------------------ leases
+
+    async def _renew_leases(self) -> None:
+        backoff = Backoff(0.05, 1.0)
+        while True:
+            await asyncio.sleep(self.settings.renew_seconds)
+            by_stream: dict[str, list[tuple[str, Owned]]] = {}
+            for sid, owned in list(self.owned.items()):
+                by_stream.setdefault(owned.sessions_key, []).append((sid, owned))
+            for sessions_key, items in by_stream.items():
+                leases = [(self.keys.session(sid).state, o.entry_id, o.runner.epoch) for sid, o in items]
+                try:
+                    lost = await self.store.renew(sessions_key, self.consumer, leases)
+                except TRANSIENT_REDIS_ERRORS as exc:
+                    await self._pause_after(backoff, exc)
+                    continue
+                backoff.reset()
+                for index in lost:
+                    sid, owned = items[index]
+                    if self.owned.get(sid) is owned and not owned.task.done():
+                        self.log.warning("lease lost: stopping the session without writing", sid=sid)
+                        METRICS.sessions_lost.inc()
+                        owned.task.cancel()
+
+    # ------------------------------------------------------------------------------ drain
+
+    async def _drain(self) -> None:
+        """Finish sessions whose end marker arrived; hand every other one over at once."""
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_seconds
+        handed = 0
+        for sid, owned in list(self.owned.items()):
+            if owned.runner.end_seen:
+                continue
+            owned.task.cancel()
+            await asyncio.gather(owned.task, return_exceptions=True)
+            sk = self.keys.session(sid)
+            with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
+                if await self.store.release(sk, self.consumer, owned.entry_id, owned.runner.epoch):
+                    handed += 1
+        if handed:
+            self.log.info("handed sessions over", sessions=handed)
+        remaining = [o.task for o in self.owned.values()]
+        if remaining:
+            self.log.info("waiting for ending sessions", sessions=len(remaining))
+            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+            everything = asyncio.ensure_future(asyncio.gather(*remaining, return_exceptions=True))
+            hard = asyncio.create_task(self.hard_stop.wait())
+            await asyncio.wait([everything, hard], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            hard.cancel()
+            for sid, owned in list(self.owned.items()):
+                owned.task.cancel()
+                await asyncio.gather(owned.task, return_exceptions=True)
+                if not self.hard_stop.is_set():
+                    sk = self.keys.session(sid)
+                    with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
+                        await self.store.release(sk, self.consumer, owned.entry_id, owned.runner.epoch)
+
+    async def _pause_after(self, backoff: Backoff, exc: BaseException) -> None:
+        delay = backoff.next_delay()
+        self.log.warning("redis unavailable, retrying", error=type(exc).__name__, retry_in=round(delay, 2))
+        await asyncio.sleep(delay)

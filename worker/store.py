@@ -1,0 +1,214 @@
+"""Thin Redis layer of the worker: each method is one fenced script call or one plain command."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from producer import protocol as p
+from worker import lua
+from worker.events import now_ms
+from worker.ledger import Commit
+
+TRANSIENT_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class Fenced(Exception):
+    """This worker no longer owns the session: another took it over (or it was released)."""
+
+
+def connect_redis(url: str, *, blocking: bool = False, retries: int = 3) -> aioredis.Redis:
+    """A client that rides out short blips itself; longer outages surface to our own retry loops."""
+    return aioredis.Redis.from_url(
+        url,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=0 if blocking else 30,
+        decode_responses=False,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    status: str  # ok | done | poison
+    epoch: int
+    committed_seq: int
+    committed_id: bytes
+    frames: int
+    finals: int
+    takeovers: int
+
+
+class SessionStore:
+    def __init__(self, redis: aioredis.Redis, keys: p.Keys, *, results_maxlen: int, retention: int) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.maxlen = str(results_maxlen)
+        self.retention = str(retention)
+        self._acquire = redis.register_script(lua.ACQUIRE)
+        self._commit = redis.register_script(lua.COMMIT)
+        self._publish = redis.register_script(lua.PUBLISH)
+        self._finish = redis.register_script(lua.FINISH)
+        self._renew = redis.register_script(lua.RENEW)
+        self._release = redis.register_script(lua.RELEASE)
+        self._reject = redis.register_script(lua.REJECT_ENTRY)
+
+    # ----------------------------------------------------------------------------- groups
+
+    async def ensure_group(self, stream: str, start: str = "0") -> None:
+        try:
+            await self.redis.xgroup_create(stream, p.WORKERS_GROUP, id=start, mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    # ----------------------------------------------------------------------------- leases
+
+    async def acquire(self, sk: p.SessionKeys, owner: str, max_takeovers: int, entry_id: bytes) -> Acquired:
+        raw = await self._acquire(keys=[sk.state], args=[owner, max_takeovers, now_ms(), entry_id])
+        status, epoch, cseq, cid, frames, finals, takeovers = raw
+        return Acquired(_s(status), int(epoch), int(cseq), _b(cid), int(frames), int(finals), int(takeovers))
+
+    async def renew(self, sessions_key: str, owner: str, leases: list[tuple[str, bytes, int]]) -> list[int]:
+        """leases: (state key, sessions entry id, epoch). Returns indexes of the leases lost."""
+        if not leases:
+            return []
+        args: list[Any] = [owner]
+        for _, entry_id, epoch in leases:
+            args += [entry_id, epoch]
+        lost = await self._renew(keys=[sessions_key, *(state for state, _, _ in leases)], args=args)
+        return [int(i) - 1 for i in lost]
+
+    async def release(self, sk: p.SessionKeys, owner: str, entry_id: bytes, epoch: int) -> bool:
+        return _s(await self._release(keys=[sk.sessions, sk.state], args=[owner, entry_id, epoch])) == "ok"
+
+    # ----------------------------------------------------------------------------- publishing
+
+    async def commit(
+        self, sk: p.SessionKeys, epoch: int, commit: Commit, event: dict[str, Any] | None
+    ) -> str:
+        fields = p.encode_event(event) if event else {"type": "", "sid": "", "text": "", "e": b""}
+        args: list[Any] = [
+            epoch,
+            commit.seq_to,
+            commit.last_entry_id or b"",
+            self.maxlen,
+            "1" if event else "0",
+            fields[p.R_TYPE],
+            fields[p.R_SID],
+            fields[p.R_TEXT],
+            fields[p.R_EVENT],
+            *commit.entry_ids,
+        ]
+        result = _s(
+            await self._commit(keys=[sk.state, sk.results, sk.partition_results, sk.audio], args=args)
+        )
+        if result == "fenced":
+            raise Fenced(sk.sid)
+        return result
+
+    async def publish(self, sk: p.SessionKeys, epoch: int, event: dict[str, Any], once: str = "") -> str:
+        fields = p.encode_event(event)
+        args = [
+            epoch,
+            self.maxlen,
+            once,
+            fields[p.R_TYPE],
+            fields[p.R_SID],
+            fields[p.R_TEXT],
+            fields[p.R_EVENT],
+        ]
+        result = _s(await self._publish(keys=[sk.state, sk.results, sk.partition_results], args=args))
+        if result == "fenced":
+            raise Fenced(sk.sid)
+        return result
+
+    async def reject_entry(
+        self, sk: p.SessionKeys, epoch: int, stream: str, entry_id: bytes, reason: str, event: dict[str, Any]
+    ) -> str:
+        fields = p.encode_event(event)
+        flag = f"bad:{entry_id.decode()}"
+        args = [
+            epoch,
+            self.maxlen,
+            flag,
+            stream,
+            entry_id,
+            reason,
+            fields[p.R_TYPE],
+            fields[p.R_SID],
+            fields[p.R_TEXT],
+            fields[p.R_EVENT],
+        ]
+        result = _s(await self._reject(keys=[sk.state, sk.results, sk.partition_results, sk.dead], args=args))
+        if result == "fenced":
+            raise Fenced(sk.sid)
+        return result
+
+    async def finish(
+        self,
+        sk: p.SessionKeys,
+        epoch: int,
+        entry_id: bytes,
+        *,
+        status: str,
+        reason: str,
+        event: dict[str, Any],
+        frames: int,
+        ack_ids: list[bytes],
+        dead_reason: str = "",
+    ) -> str:
+        fields = p.encode_event(event)
+        args: list[Any] = [
+            epoch,
+            self.maxlen,
+            entry_id,
+            self.retention,
+            status,
+            reason,
+            fields[p.R_TYPE],
+            fields[p.R_SID],
+            fields[p.R_TEXT],
+            fields[p.R_EVENT],
+            dead_reason,
+            frames,
+            *ack_ids,
+        ]
+        keys = [sk.state, sk.results, sk.partition_results, sk.audio, sk.sessions, sk.dead]
+        result = _s(await self._finish(keys=keys, args=args))
+        if result == "fenced":
+            raise Fenced(sk.sid)
+        return result
+
+    # ----------------------------------------------------------------------------- reading
+
+    async def read_range(
+        self, audio_key: str, after_id: bytes, count: int
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Audio entries strictly after `after_id` (XRANGE with an exclusive start, Redis >= 6.2)."""
+        return await self.redis.xrange(audio_key, min=b"(" + after_id, max="+", count=count)
+
+    async def dead_letter(self, partition: int, reason: str, **fields: str | bytes) -> None:
+        await self.redis.xadd(
+            self.keys.dead(partition), {"reason": reason, **fields}, maxlen=int(self.maxlen), approximate=True
+        )
+
+    async def ack_session_entry(self, sessions_key: str, entry_id: bytes) -> None:
+        await self.redis.xack(sessions_key, p.WORKERS_GROUP, entry_id)
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _b(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
