@@ -1,0 +1,224 @@
+"""End-to-end harness: real redis-server, the emulator and workers as separate processes.
+
+Used by the end-to-end and chaos tests. Sessions are made of marker frames (`f<seq>` words), so a
+session's transcript proves which frames reached Deepgram, how often and in what order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from producer import protocol as p
+from producer.audio import marker_frame
+from producer.client import Producer
+from worker.redis_server import RedisServer, free_port
+
+VOXQUEUE = [sys.executable, "-m", "worker.cli"]
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    appendonly: bool = True
+    worker_env: dict[str, str] = field(default_factory=dict)
+    emulator_args: list[str] = field(default_factory=list)
+    redis: RedisServer = field(init=False)
+    emulator: subprocess.Popen[bytes] | None = None
+    emulator_port: int = 0
+    workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    keys: p.Keys = field(default_factory=p.Keys)
+
+    def start(self) -> Stack:
+        self.redis = RedisServer(appendonly=self.appendonly).start()
+        self.emulator_port = free_port()
+        log = (self.tmp / "emulator.log").open("wb")
+        self.emulator = subprocess.Popen(
+            [*VOXQUEUE, "emulator", "--port", str(self.emulator_port), *self.emulator_args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._env(),
+        )
+        _wait_http(f"http://127.0.0.1:{self.emulator_port}/_emulator/stats", 15)
+        return self
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            VOXQUEUE_REDIS_URL=self.redis.url,
+            VOXQUEUE_DEEPGRAM_URL=f"ws://127.0.0.1:{self.emulator_port}",
+            VOXQUEUE_CATCHUP_SPEED="0",
+            VOXQUEUE_LOG_FORMAT="json",
+            VOXQUEUE_LOG_LEVEL="info",
+        )
+        env.update(self.worker_env)
+        env.update(extra)
+        return env
+
+    def start_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
+        log = (self.tmp / f"worker-{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [*VOXQUEUE, "worker", "--name", name],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self._env(**env),
+        )
+        self.workers[name] = proc
+        return proc
+
+    def worker_log(self, name: str) -> str:
+        return (self.tmp / f"worker-{name}.log").read_text(errors="replace")
+
+    def signal_worker(self, name: str, sig: int) -> None:
+        proc = self.workers[name]
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+
+    def faults(self, **params: Any) -> dict[str, Any]:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return _get_json(f"http://127.0.0.1:{self.emulator_port}/_emulator/faults?{query}")
+
+    def emulator_stats(self) -> dict[str, Any]:
+        return _get_json(f"http://127.0.0.1:{self.emulator_port}/_emulator/stats")
+
+    def stop(self) -> None:
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+            proc.wait(10)
+        if self.emulator and self.emulator.poll() is None:
+            self.emulator.kill()
+            self.emulator.wait(10)
+        self.redis.cleanup()
+
+    def client(self) -> aioredis.Redis:
+        return aioredis.Redis.from_url(self.redis.url)
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _wait_http(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _get_json(url)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+async def produce_marker_session(
+    producer: Producer,
+    sid: str,
+    frames: int,
+    *,
+    realtime: bool = False,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """A session whose frame n is the marker word f<n>; `realtime` paces it at 50 frames/s."""
+    session = await producer.open_session(sid=sid, options=options or {})
+    start = time.monotonic()
+    for n in range(frames):
+        if realtime:
+            delay = start + n * 0.02 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await session.send_frame(marker_frame(n, time.time_ns()), wait=False)
+    await session.end()
+
+
+async def session_events(redis: aioredis.Redis, keys: p.Keys, sid: str) -> list[dict[str, Any]]:
+    entries = await redis.xrange(keys.session(sid).results)
+    return [p.decode_event(fields) for _, fields in entries]
+
+
+async def wait_until_ended(redis: aioredis.Redis, keys: p.Keys, sids: list[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = set(sids)
+    while pending:
+        for sid in list(pending):
+            if await redis.hget(keys.session(sid).state, "status") in (b"ended", b"failed"):
+                pending.discard(sid)
+        if not pending:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(pending)} sessions did not end in {timeout} s: {sorted(pending)[:5]}")
+        await asyncio.sleep(0.1)
+
+
+@dataclass
+class SessionReport:
+    sid: str
+    words: list[str]
+    duplicated_finals: int
+    lost_frames: int
+    bad_timestamps: int
+    ended: int
+    end_reason: str
+    pending_audio: int
+
+
+async def check_marker_session(redis: aioredis.Redis, keys: p.Keys, sid: str, frames: int) -> SessionReport:
+    """Everything the delivery guarantees promise about one marker session."""
+    events = await session_events(redis, keys, sid)
+    finals = [e for e in events if e["type"] == p.FINAL]
+    words = [w for f in finals for w in f["words"]]
+    names = [w["word"] for w in words]
+    expected = [f"f{n}" for n in range(frames)]
+    bad_ts = sum(
+        1
+        for w in words
+        if not w["word"].startswith("f") or abs(w["start"] - int(w["word"][1:]) * 0.02) > 1e-6
+    )
+    final_ids = [f["id"] for f in finals]
+    ended = [e for e in events if e["type"] == p.SESSION_ENDED]
+    sk = keys.session(sid)
+    pending = (
+        await redis.xpending(sk.audio, p.WORKERS_GROUP) if await redis.exists(sk.audio) else {"pending": 0}
+    )
+    return SessionReport(
+        sid=sid,
+        words=names,
+        duplicated_finals=(len(final_ids) - len(set(final_ids))) + (len(names) - len(set(names))),
+        lost_frames=len(set(expected) - set(names)),
+        bad_timestamps=bad_ts,
+        ended=len(ended),
+        end_reason=ended[0]["reason"] if ended else "",
+        pending_audio=int(pending["pending"]),
+    )
+
+
+def assert_perfect(report: SessionReport, frames: int) -> None:
+    assert report.lost_frames == 0, f"{report.sid}: lost {report.lost_frames} frames"
+    assert report.duplicated_finals == 0, f"{report.sid}: {report.duplicated_finals} duplicated"
+    assert report.words == [f"f{n}" for n in range(frames)], f"{report.sid}: words out of order"
+    assert report.bad_timestamps == 0, f"{report.sid}: {report.bad_timestamps} wrong timestamps"
+    assert report.ended == 1 and report.end_reason == p.END_COMPLETED, f"{report.sid}: ended {report.ended}x"
+    assert report.pending_audio == 0, f"{report.sid}: {report.pending_audio} frames never acked"
+
+
+async def sessions_pending(redis: aioredis.Redis, keys: p.Keys) -> int:
+    total = 0
+    for key in keys.all_sessions():
+        info = await redis.xpending(key, p.WORKERS_GROUP)
+        total += int(info["pending"])
+    return total

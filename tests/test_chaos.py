@@ -1,0 +1,261 @@
+"""Chaos: crashes, drops, stalls, Redis restarts, drains and freezes, with zero frames lost and zero
+finals duplicated. Real worker processes, real redis-server, the emulator's marker engine.
+
+Each test prints its measurements (`CHAOS ...` lines, visible with `pytest -s`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from producer import protocol as p
+from producer.client import Producer
+from tests.harness import (
+    Stack,
+    assert_perfect,
+    check_marker_session,
+    produce_marker_session,
+    session_events,
+    sessions_pending,
+    wait_until_ended,
+)
+
+pytestmark = pytest.mark.slow
+
+FAST_LEASES = {"VOXQUEUE_LEASE_SECONDS": "3", "VOXQUEUE_RENEW_SECONDS": "0.5"}
+
+
+async def produce_all(
+    stack: Stack, sessions: dict[str, int], *, realtime: bool, stagger: float = 0.0
+) -> None:
+    redis = stack.client()
+    async with Producer(redis) as producer:
+
+        async def one(i: int, sid: str, frames: int) -> None:
+            await asyncio.sleep(i * stagger)
+            await produce_marker_session(producer, sid, frames, realtime=realtime)
+
+        await asyncio.gather(*(one(i, sid, n) for i, (sid, n) in enumerate(sessions.items())))
+    await redis.aclose()
+
+
+async def verify_all(stack: Stack, sessions: dict[str, int], timeout: float) -> None:
+    redis = stack.client()
+    try:
+        await wait_until_ended(redis, stack.keys, list(sessions), timeout)
+        lost = duplicated = 0
+        for sid, frames in sessions.items():
+            report = await check_marker_session(redis, stack.keys, sid, frames)
+            lost += report.lost_frames
+            duplicated += report.duplicated_finals
+            assert_perfect(report, frames)
+        assert await sessions_pending(redis, stack.keys) == 0
+        print(
+            f"CHAOS sessions={len(sessions)} frames={sum(sessions.values())} lost={lost} duplicated={duplicated}"
+        )
+    finally:
+        await redis.aclose()
+
+
+async def owners(stack: Stack, sids: list[str]) -> dict[str, str]:
+    redis = stack.client()
+    try:
+        out = {}
+        for sid in sids:
+            owner = await redis.hget(stack.keys.session(sid).state, "owner")
+            out[sid] = owner.decode() if owner else ""
+        return out
+    finally:
+        await redis.aclose()
+
+
+async def claimed_at(stack: Stack, sid: str) -> float:
+    redis = stack.client()
+    try:
+        return int(await redis.hget(stack.keys.session(sid).state, "claimed_at") or 0) / 1000
+    finally:
+        await redis.aclose()
+
+
+async def test_kill_nine_two_workers_mid_stream(tmp_path: Path) -> None:
+    """30 sessions on 3 workers; kill -9 one worker, then another, at random moments."""
+    stack = Stack(tmp_path).start()  # default lease (5 s) and renewal (1 s): measure the real figure
+    try:
+        for name in ("k1", "k2", "k3"):
+            stack.start_worker(name)
+        rng = random.Random(11)
+        sessions = {f"kill-{i}": rng.randint(300, 600) for i in range(30)}  # 6-12 s, real time
+        producing = asyncio.create_task(produce_all(stack, sessions, realtime=True, stagger=0.05))
+        takeover_times: list[float] = []
+        for victim in ("k1", "k2"):
+            await asyncio.sleep(rng.uniform(1.5, 3.0))
+            victims = [sid for sid, o in (await owners(stack, list(sessions))).items() if o == victim]
+            killed_at = time.time()
+            stack.signal_worker(victim, signal.SIGKILL)
+            for sid in victims:
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    if (await owners(stack, [sid]))[sid] not in ("", victim) or await _ended(stack, sid):
+                        break
+                    await asyncio.sleep(0.05)
+                at = await claimed_at(stack, sid)
+                if at > killed_at:
+                    takeover_times.append(at - killed_at)
+        await producing
+        await verify_all(stack, sessions, timeout=60)
+        assert takeover_times, "no session was owned by the killed workers"
+        print(
+            f"CHAOS kill-9 takeovers={len(takeover_times)} "
+            f"median={statistics.median(takeover_times):.2f}s max={max(takeover_times):.2f}s"
+        )
+        assert max(takeover_times) < 10
+    finally:
+        stack.stop()
+
+
+async def _ended(stack: Stack, sid: str) -> bool:
+    redis = stack.client()
+    try:
+        return await redis.hget(stack.keys.session(sid).state, "status") in (b"ended", b"failed")
+    finally:
+        await redis.aclose()
+
+
+async def test_emulator_drops_and_stalls(tmp_path: Path) -> None:
+    """1 connection in 5 dropped at a random point (with and without a close frame), one stalls."""
+    stack = Stack(tmp_path, worker_env={"VOXQUEUE_STALL_SECONDS": "1.5", **FAST_LEASES}).start()
+    try:
+        stack.faults(
+            drop_rate=0.2,
+            drop_kind="any",
+            drop_after_min=5,
+            drop_after_max=150,
+            stall_next=1,
+            stall_after=30,
+            seed=5,
+        )
+        stack.start_worker("d1")
+        stack.start_worker("d2")
+        sessions = {f"drop-{i}": 150 + 20 * i for i in range(16)}
+        await produce_all(stack, sessions, realtime=True, stagger=0.02)
+        await verify_all(stack, sessions, timeout=60)
+        stats = stack.emulator_stats()
+        print(f"CHAOS emulator faults: {stats.get('drops')} stalls={stats.get('stalls')}")
+        logs = stack.worker_log("d1") + stack.worker_log("d2")
+        assert "reconnecting" in logs
+    finally:
+        stack.stop()
+
+
+async def test_redis_restart_mid_stream(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, worker_env=FAST_LEASES).start()
+    try:
+        stack.start_worker("r1")
+        stack.start_worker("r2")
+        sessions = {f"redis-{i}": 250 for i in range(10)}
+        producing = asyncio.create_task(produce_all(stack, sessions, realtime=True))
+        await asyncio.sleep(2.0)
+        await asyncio.to_thread(
+            stack.redis.restart, False
+        )  # SHUTDOWN: AOF flushed, restarted on the same port
+        await producing
+        await verify_all(stack, sessions, timeout=60)
+    finally:
+        stack.stop()
+
+
+async def test_sigterm_hands_sessions_over(tmp_path: Path) -> None:
+    stack = Stack(tmp_path).start()
+    try:
+        stack.start_worker("t1")
+        await asyncio.sleep(1.0)
+        sessions = {f"drain-{i}": 400 for i in range(8)}
+        producing = asyncio.create_task(produce_all(stack, sessions, realtime=True))
+        await asyncio.sleep(2.0)
+        stack.start_worker("t2")
+        await asyncio.sleep(1.0)
+        busy = [sid for sid, o in (await owners(stack, list(sessions))).items() if o == "t1"]
+        assert busy
+        term_at = time.time()
+        stack.signal_worker("t1", signal.SIGTERM)
+        handover: list[float] = []
+        for sid in busy:
+            deadline = time.monotonic() + 15
+            while (await owners(stack, [sid]))[sid] in ("", "t1") and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            handover.append(await claimed_at(stack, sid) - term_at)
+        assert stack.workers["t1"].wait(30) == 0
+        await producing
+        await verify_all(stack, sessions, timeout=60)
+        print(
+            f"CHAOS sigterm handover sessions={len(handover)} median={statistics.median(handover):.2f}s "
+            f"max={max(handover):.2f}s"
+        )
+        assert max(handover) < 5
+    finally:
+        stack.stop()
+
+
+async def test_frozen_worker_publishes_nothing_after_takeover(tmp_path: Path) -> None:
+    stack = Stack(tmp_path, worker_env=FAST_LEASES).start()
+    try:
+        stack.start_worker("z1")
+        sessions = {f"freeze-{i}": 500 for i in range(4)}
+        producing = asyncio.create_task(produce_all(stack, sessions, realtime=True))
+        await asyncio.sleep(2.0)
+        stack.start_worker("z2")
+        before = await owners(stack, list(sessions))
+        assert set(before.values()) == {"z1"}
+        stack.signal_worker("z1", signal.SIGSTOP)
+        deadline = time.monotonic() + 20
+        while set((await owners(stack, list(sessions))).values()) - {"z2"} and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        taken = {sid: await claimed_at(stack, sid) for sid in sessions}
+        stack.signal_worker("z1", signal.SIGCONT)
+        await producing
+        await verify_all(stack, sessions, timeout=60)
+        redis = stack.client()
+        for sid in sessions:
+            events = await session_events(redis, stack.keys, sid)
+            new_epoch = max(e["epoch"] for e in events)
+            late = [e for e in events if e["epoch"] < new_epoch and e["ts"] / 1000 > taken[sid] + 0.001]
+            assert not late, f"{sid}: the frozen worker published {len(late)} events after losing the lease"
+        await redis.aclose()
+        await asyncio.sleep(1.0)
+        assert "lease lost" in stack.worker_log("z1") or "lost the session" in stack.worker_log("z1")
+    finally:
+        stack.stop()
+
+
+async def test_deepgram_401_fails_sessions_once_and_worker_keeps_serving(tmp_path: Path) -> None:
+    stack = Stack(tmp_path).start()
+    try:
+        stack.faults(handshake_status=401, handshake_count=3)
+        stack.start_worker("a1", VOXQUEUE_CONCURRENCY="1")  # one at a time: the first 3 sessions get the 401s
+        bad = {f"auth-{i}": 50 for i in range(3)}
+        good = {f"ok-{i}": 100 for i in range(3)}
+        await produce_all(stack, bad, realtime=False)
+        redis = stack.client()
+        await wait_until_ended(redis, stack.keys, list(bad), timeout=30)
+        await produce_all(stack, good, realtime=False)
+        await verify_all(stack, good, timeout=30)
+        for sid in bad:
+            events = await session_events(redis, stack.keys, sid)
+            errors = [e for e in events if e["type"] == p.ERROR]
+            assert len(errors) == 1 and errors[0]["fatal"] and errors[0]["code"] == "http_401"
+            ended = [e for e in events if e["type"] == p.SESSION_ENDED]
+            assert len(ended) == 1 and ended[0]["reason"] == p.END_FAILED
+        dead = await redis.xrange(stack.keys.dead(0))
+        assert len(dead) == 3
+        await redis.aclose()
+        stats = stack.emulator_stats()
+        assert stats["connections"] == 3, stats  # 3 good sessions; the 3 rejected were never retried
+    finally:
+        stack.stop()
