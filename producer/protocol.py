@@ -221,7 +221,9 @@ def validate_sid(sid: str) -> None:
     if not sid or len(sid) > MAX_SID_LENGTH:
         raise ProtocolError("bad_sid", f"session id must be 1..{MAX_SID_LENGTH} characters")
     if any(c in sid for c in "{}: \t\r\n") or not sid.isprintable():
-        raise ProtocolError("bad_sid", "session id must not contain braces, colons, whitespace or control characters")
+        raise ProtocolError(
+            "bad_sid", "session id must not contain braces, colons, whitespace or control characters"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +263,9 @@ def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | End
     seq_raw = raw.get(b"seq")
     if pcm is None or seq_raw is None or len(raw) != 2:
         names = sorted(_text(k) for k in raw)
-        raise ProtocolError("bad_entry", f"audio entry must have exactly `seq` and `pcm` (or `end`), got {names}")
+        raise ProtocolError(
+            "bad_entry", f"audio entry must have exactly `seq` and `pcm` (or `end`), got {names}"
+        )
     try:
         seq = int(seq_raw)
     except ValueError:

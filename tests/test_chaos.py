@@ -57,9 +57,8 @@ async def verify_all(stack: Stack, sessions: dict[str, int], timeout: float) -> 
             duplicated += report.duplicated_finals
             assert_perfect(report, frames)
         assert await sessions_pending(redis, stack.keys) == 0
-        print(
-            f"CHAOS sessions={len(sessions)} frames={sum(sessions.values())} lost={lost} duplicated={duplicated}"
-        )
+        frames = sum(sessions.values())
+        print(f"CHAOS sessions={len(sessions)} frames={frames} lost={lost} duplicated={duplicated}")
     finally:
         await redis.aclose()
 
