@@ -26,7 +26,12 @@ async def test_twenty_sessions_across_two_workers(tmp_path: Path) -> None:
         sessions = {f"e2e-{i}": rng.randint(150, 500) for i in range(20)}  # 3-10 s each
         redis = stack.client()
         async with Producer(redis) as producer:
-            await asyncio.gather(*(produce_marker_session(producer, sid, n) for sid, n in sessions.items()))
+
+            async def staggered(i: int, sid: str, frames: int) -> None:
+                await asyncio.sleep(i * 0.01)
+                await produce_marker_session(producer, sid, frames)
+
+            await asyncio.gather(*(staggered(i, sid, n) for i, (sid, n) in enumerate(sessions.items())))
         await wait_until_ended(redis, stack.keys, list(sessions), timeout=60)
         for sid, frames in sessions.items():
             assert_perfect(await check_marker_session(redis, stack.keys, sid, frames), frames)

@@ -105,11 +105,30 @@ class AudioReader:
             self.reads += 1
             if not reply:
                 continue
+            orphans: list[tuple[bytes, list[bytes]]] = []
             for key, entries in reply:
                 inbox = self.inboxes.get(key)
-                if inbox is not None and entries:
-                    self.entries_read += len(entries)
-                    inbox.deliver(entries)
+                if not entries:
+                    continue
+                if inbox is None:
+                    orphans.append((key, [entry_id for entry_id, _ in entries]))
+                    continue
+                self.entries_read += len(entries)
+                inbox.deliver(entries)
+            if orphans:
+                await self._ack_orphans(orphans)
+
+    async def _ack_orphans(self, orphans: list[tuple[bytes, list[bytes]]]) -> None:
+        """Entries of a session that ended or moved while the read was in flight. Acking them is
+        only bookkeeping: whoever runs the session replays from its commit point, not from the
+        pending list, so nothing is lost; leaving them would show as never-acked frames."""
+        pipe = self.redis.pipeline(transaction=False)
+        for key, ids in orphans:
+            pipe.xack(key, p.WORKERS_GROUP, *ids)
+        try:
+            await pipe.execute()
+        except TRANSIENT_REDIS_ERRORS:
+            pass
 
     async def _recreate_groups(self, keys: list[bytes]) -> None:
         for key in keys:

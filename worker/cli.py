@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from urllib.parse import urlparse
 from typing import Any
 
 import click
@@ -60,6 +61,7 @@ def worker(**flags: Any) -> None:
     """
     settings = _settings(**flags)
     configure_logging(settings.log_level, settings.log_format)
+    register_secret(urlparse(settings.redis_url).password)
     from worker.metrics import METRICS
     from worker.pool import WorkerPool
 
@@ -155,3 +157,7 @@ def _attach_producer_commands() -> None:
 
 
 _attach_producer_commands()
+
+
+if __name__ == "__main__":
+    main()

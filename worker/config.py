@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     # Leases: the sessions consumer group's pending list is the lease table.
     lease_seconds: float = Field(5.0, gt=0.2, le=3600)
     renew_seconds: float = Field(1.0, gt=0.05, le=600)
+    claim_batch: int = Field(4, ge=1, le=1000, description="new sessions taken per read")
     claim_block_ms: int = Field(200, ge=10, le=60_000)
     max_takeovers: int = Field(5, ge=1, le=1000)
 

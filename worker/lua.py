@@ -96,8 +96,10 @@ for i = 13, #ARGV, 500 do
   redis.call('XACK', KEYS[4], 'workers', unpack(ARGV, i, last))
 end
 if redis.call('EXISTS', KEYS[4]) == 1 then
-  local ok, pending = pcall(redis.call, 'XPENDING', KEYS[4], 'workers', '-', '+', 10000)
-  if ok then
+  -- Nothing more will be read: move the group past the end, so a read already on its way
+  -- delivers nothing, and ack whatever is still pending (frames that no final covered).
+  if pcall(redis.call, 'XGROUP', 'SETID', KEYS[4], 'workers', '$') then
+    local pending = redis.call('XPENDING', KEYS[4], 'workers', '-', '+', 10000)
     for _, p in ipairs(pending) do redis.call('XACK', KEYS[4], 'workers', p[1]) end
   end
 end

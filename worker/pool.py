@@ -138,7 +138,9 @@ class WorkerPool:
         backoff = Backoff(0.05, 2.0)
         streams = dict.fromkeys(self.keys.all_sessions(), ">")
         while True:
-            free = self.free
+            # Small batches, so that a burst of new sessions spreads over the workers that are
+            # blocked waiting (Redis serves them in turn) instead of landing on one.
+            free = min(self.free, self.settings.claim_batch)
             if free == 0:
                 await asyncio.sleep(0.05)
                 continue
