@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -82,10 +83,10 @@ class WorkerPool:
         )
         await self._ensure_session_groups()
         background = [
-            asyncio.create_task(self.reader.run(), name="reader"),
-            asyncio.create_task(self._claim_new(), name="claim"),
-            asyncio.create_task(self._take_over_expired(), name="autoclaim"),
-            asyncio.create_task(self._renew_leases(), name="renew"),
+            asyncio.create_task(self._supervised("reader", self.reader.run)),
+            asyncio.create_task(self._supervised("claim", self._claim_new)),
+            asyncio.create_task(self._supervised("autoclaim", self._take_over_expired)),
+            asyncio.create_task(self._supervised("renew", self._renew_leases)),
         ]
         try:
             stop = asyncio.create_task(self.stop_requested.wait())
@@ -102,6 +103,27 @@ class WorkerPool:
                 with contextlib.suppress(Exception):
                     await client.aclose()
             self.log.info("worker stopped")
+
+    async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        """Keeps a background loop alive through unexpected errors: a bug or an odd reply in one
+        loop must not take down every session this worker holds."""
+        backoff = Backoff(0.1, 5.0)
+        while True:
+            try:
+                await loop()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = backoff.next_delay()
+                self.log.error(
+                    "background loop failed; restarting",
+                    loop=name,
+                    error=repr(exc),
+                    retry_in=round(delay, 2),
+                    exc_info=exc,
+                )
+                await asyncio.sleep(delay)
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -189,10 +211,12 @@ class WorkerPool:
         for item in claimed:
             if item is None:  # an entry deleted from the stream while pending (Redis 6.2 reports nil)
                 continue
-            entry_id, flat = item[0], item[1]
-            if flat is None:
+            entry_id, fields = item[0], item[1]
+            if fields is None:
                 continue
-            out.append((entry_id, dict(zip(flat[::2], flat[1::2], strict=False))))
+            if not isinstance(fields, dict):  # a client without redis-py's reply parsing
+                fields = dict(zip(fields[::2], fields[1::2], strict=False))
+            out.append((entry_id, fields))
         return out
 
     async def _start_session(
