@@ -8,6 +8,7 @@ and wakes the session's sender. Frames are never acked here: a frame is acked wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 
 import redis.asyncio as aioredis
@@ -125,10 +126,8 @@ class AudioReader:
         pipe = self.redis.pipeline(transaction=False)
         for key, ids in orphans:
             pipe.xack(key, p.WORKERS_GROUP, *ids)
-        try:
+        with contextlib.suppress(TRANSIENT_REDIS_ERRORS):
             await pipe.execute()
-        except TRANSIENT_REDIS_ERRORS:
-            pass
 
     async def _recreate_groups(self, keys: list[bytes]) -> None:
         for key in keys:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from urllib.parse import urlparse
 from typing import Any
+from urllib.parse import urlparse
 
 import click
 

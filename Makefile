@@ -1,0 +1,75 @@
+# voxqueue developer tasks. Needs only python3 >= 3.11 (and make): everything else goes into .venv.
+#
+#   make demo        run the end-to-end demo (private redis-server + emulator + worker + producer)
+#   make test        run the test suite          (make test PYTEST_ARGS='-k logs -x')
+#   make lint        ruff check .
+#   make bench       python -m ops.bench
+#   make install     create .venv and install the project (editable) with dev, speech, embedded extras
+#   make clean       remove caches and build output; make distclean also removes .venv
+#
+# Use another interpreter with PYTHON=python3.12 (only used to create .venv).
+
+PYTHON      ?= python3
+VENV        ?= .venv
+EXTRAS      ?= dev,speech,embedded
+PYTEST_ARGS ?=
+BENCH_ARGS  ?=
+
+VENV_PY := $(VENV)/bin/python
+STAMP   := $(VENV)/.voxqueue-installed
+
+# `$(X) $(PY_OK)` exits 0 when interpreter X is Python >= 3.11.
+PY_OK = -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint bench clean distclean check-python
+
+help:
+	@sed -n '1,12s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+
+check-python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { \
+	  echo "error: '$(PYTHON)' not found. Install Python >= 3.11 or run: make PYTHON=/path/to/python3.11 ..." >&2; \
+	  exit 1; }
+	@$(PYTHON) $(PY_OK) || { \
+	  echo "error: voxqueue needs Python >= 3.11, but $(PYTHON) is $$($(PYTHON) -V 2>&1)." >&2; \
+	  echo "       Install a newer Python and run: make PYTHON=python3.11 ..." >&2; \
+	  exit 1; }
+
+# The venv itself: created once. Order-only for the stamp, so an interpreter update does not reinstall.
+$(VENV_PY):
+	@$(MAKE) --no-print-directory check-python
+	@echo "==> creating $(VENV) with $(PYTHON) ($$($(PYTHON) -V 2>&1))"
+	@$(PYTHON) -m venv $(VENV) || { \
+	  echo "error: '$(PYTHON) -m venv' failed. On Debian/Ubuntu: apt-get install python3-venv" >&2; \
+	  rm -rf $(VENV); exit 1; }
+
+# The install: redone only when pyproject.toml is newer than the stamp.
+$(STAMP): pyproject.toml | $(VENV_PY)
+	@$(VENV_PY) $(PY_OK) || { \
+	  echo "error: $(VENV) uses $$($(VENV_PY) -V 2>&1); voxqueue needs >= 3.11. Run: make distclean" >&2; \
+	  exit 1; }
+	@echo "==> installing voxqueue into $(VENV): pip install -e '.[$(EXTRAS)]'"
+	$(VENV_PY) -m pip install --disable-pip-version-check --progress-bar off -q -e '.[$(EXTRAS)]'
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/voxqueue demo
+
+test: $(STAMP)
+	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(VENV_PY) -m ops.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

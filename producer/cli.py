@@ -1,0 +1,565 @@
+"""`voxqueue produce`, `voxqueue replay` and `voxqueue tail`.
+
+The lead attaches these to the top-level group with `add_producer_commands(group)`;
+`python -m producer.cli` runs them standalone. Errors a user can cause (Redis unreachable, a file
+voxqueue cannot send, a bad option) end with one line on stderr and exit code 1 (runtime) or 2
+(bad input), never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import click
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from producer import transcripts
+from producer.aio import cancel_and_wait
+from producer.audio import AudioFileError, read_audio_file
+from producer.batcher import ProducerConnectionError, ProducerError
+from producer.client import Producer, ProducerSession, connect, redact_url
+from producer.options import parse_option_pairs, validate_options
+from producer.pacing import Pacer
+from producer.protocol import (
+    DEFAULT_NAMESPACE,
+    END_COMPLETED,
+    ERROR,
+    FINAL,
+    PARTIAL,
+    SESSION_ENDED,
+    SESSION_STARTED,
+    SPEECH_STARTED,
+    UTTERANCE_END,
+    AudioFormat,
+    Keys,
+    ProtocolError,
+    SessionStart,
+    validate_sid,
+)
+
+T = TypeVar("T")
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+SEND_BLOCK_FRAMES = 500  # most frames per send() when the schedule lets several go at once
+SCAN_BATCH = 1000  # XRANGE page size when searching the sessions stream
+DASH = "\u2013"  # en dash between start and end times, as in subtitles
+
+
+class BadInput(click.ClickException):
+    """The user's input cannot work (file, option, missing session): exit 2 like a usage error."""
+
+    exit_code = 2
+
+
+class RuntimeFailure(click.ClickException):
+    """Something failed while running (Redis unreachable, session failed): exit 1."""
+
+    exit_code = 1
+
+
+# ------------------------------------------------------------------------------ common options
+
+
+def redis_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--redis-url, --namespace, --partitions, shared with the worker's commands via env vars."""
+    func = click.option(
+        "--partitions",
+        envvar="VOXQUEUE_PARTITIONS",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Partition count of the deployment (must match the workers).",
+    )(func)
+    func = click.option(
+        "--namespace",
+        envvar="VOXQUEUE_NAMESPACE",
+        default=DEFAULT_NAMESPACE,
+        show_default=True,
+        help="Key namespace.",
+    )(func)
+    func = click.option(
+        "--redis-url",
+        envvar="VOXQUEUE_REDIS_URL",
+        default=DEFAULT_REDIS_URL,
+        show_default=True,
+        help="Redis URL (env VOXQUEUE_REDIS_URL).",
+    )(func)
+    return func
+
+
+def _options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        return parse_option_pairs(list(pairs))
+    except ProtocolError as exc:
+        raise BadInput(f"bad --option: {exc}") from None
+
+
+def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise BadInput(f"bad --label {pair!r}: expected key=value")
+        labels[name] = value
+    return labels
+
+
+def _sid(sid: str | None) -> str | None:
+    if sid is not None:
+        try:
+            validate_sid(sid)
+        except ProtocolError as exc:
+            raise BadInput(f"bad --session {sid!r}: {exc}") from None
+    return sid
+
+
+def _client(url: str) -> aioredis.Redis:
+    try:
+        return connect(url)
+    except ValueError as exc:
+        raise BadInput(f"bad --redis-url {redact_url(url)}: {_scrub(str(exc), url)}") from None
+
+
+def _run(url: str, main: Callable[[aioredis.Redis], Coroutine[Any, Any, T]]) -> T:
+    """Run `main(client)` and turn the failures a user can meet into one-line errors."""
+    client = _client(url)
+
+    async def wrapper() -> T:
+        try:
+            await client.ping()  # fail fast and clearly if Redis is not there
+            return await main(client)
+        finally:
+            await client.aclose()
+
+    where = redact_url(url)
+    try:
+        return asyncio.run(wrapper())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (RedisConnectionError, RedisTimeoutError, ProducerConnectionError) as exc:
+        raise RuntimeFailure(f"cannot reach Redis at {where}: {_scrub(str(exc), url)}") from None
+    except RedisError as exc:
+        raise RuntimeFailure(f"Redis error at {where}: {_scrub(str(exc), url)}") from None
+    except ProducerError as exc:
+        raise RuntimeFailure(_scrub(str(exc), url)) from None
+
+
+def _scrub(text: str, url: str) -> str:
+    """Remove the URL's password from a message, wherever a library may have echoed it."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return text
+    return text.replace(password, "***") if password else text
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+def _t(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, int | float) else "?"
+
+
+def _span(event: dict[str, Any]) -> str:
+    return f"[{_t(event.get('start'))}{DASH}{_t(event.get('end'))}]"
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """One readable line per event, for `tail`."""
+    kind = str(event.get("type", "?"))
+    sid = str(event.get("sid", "?"))
+    head = f"{kind:<15} {sid}"
+    if kind in (FINAL, PARTIAL):
+        return f"{head} {_span(event)} {event.get('transcript', '')}"
+    if kind == SPEECH_STARTED:
+        return f"{head} @{_t(event.get('start'))}"
+    if kind == UTTERANCE_END:
+        return f"{head} @{_t(event.get('end'))}"
+    if kind == SESSION_STARTED:
+        return f"{head} options={json.dumps(event.get('options', {}), sort_keys=True)}"
+    if kind == SESSION_ENDED:
+        return (
+            f"{head} {event.get('reason', '?')} frames={event.get('frames', '?')} "
+            f"audio={_t(event.get('audio_seconds'))}s finals={event.get('finals', '?')}"
+        )
+    if kind == ERROR:
+        fatal = " (fatal)" if event.get("fatal") else ""
+        return f"{head} {event.get('code', '?')}: {event.get('message', '')}{fatal}"
+    return f"{head} {json.dumps(event, default=str)}"
+
+
+def event_json(event: dict[str, Any]) -> str:
+    """The event dict exactly, one compact line."""
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+class TranscriptView:
+    """`--follow` output of produce/replay: finals as `[start-end] text` lines on stdout, partials
+    redrawn in place when stdout is a terminal, errors and the summary on stderr."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.ended: dict[str, Any] | None = None
+        self._live: Any = None
+        if not as_json and sys.stdout.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(console=Console(), transient=True, auto_refresh=False)
+            self._live.start()
+
+    def show(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == SESSION_ENDED:
+            self.ended = event
+        if self.as_json:
+            click.echo(event_json(event))
+            return
+        if kind == FINAL:
+            self._line(f"{_span(event)} {event.get('transcript', '')}")
+        elif kind == PARTIAL and self._live is not None:
+            from rich.text import Text
+
+            self._live.update(Text(f"… {event.get('transcript', '')}", style="dim"), refresh=True)
+        elif kind == ERROR:
+            click.echo(f"error: {event.get('code', '?')}: {event.get('message', '')}", err=True)
+        elif kind == SESSION_ENDED:
+            click.echo(
+                f"session ended: {event.get('reason', '?')}, {event.get('frames', '?')} frames, "
+                f"{_t(event.get('audio_seconds'))} s of audio, {event.get('finals', '?')} finals",
+                err=True,
+            )
+
+    def _line(self, text: str) -> None:
+        if self._live is not None:
+            from rich.text import Text
+
+            self._live.update(Text(""), refresh=True)
+            self._live.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            click.echo(text)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+# ------------------------------------------------------------------------------- sending
+
+
+async def send_paced(session: ProducerSession, pcm: bytes, speed: float) -> int:
+    """Send `pcm` at `speed` x real time (0 = as fast as Redis takes it), then end the session.
+
+    Every frame that is due goes out in one send(), so a late wake-up catches up in one flush.
+    Each send waits for its flush: a CLI has one session, so the round trip is cheap, and a Redis
+    failure surfaces at once instead of at end().
+    """
+    fb = session.format.frame_bytes
+    total = -(-len(pcm) // fb)
+    pacer = Pacer(speed, session.format.frame_seconds)
+    loop = asyncio.get_running_loop()
+    i = 0
+    try:
+        while i < total:
+            now = loop.time()
+            j = i
+            while j < total and j - i < SEND_BLOCK_FRAMES and pacer.delay(j, now) <= 0:
+                j += 1
+            if j == i:
+                await asyncio.sleep(pacer.delay(i, now))
+                continue
+            await session.send(pcm[i * fb : j * fb])
+            i = j
+    except asyncio.CancelledError:
+        # Ctrl-C: end the session so the worker finishes what was sent now, rather than after
+        # its abandonment timeout. Best effort and brief; a second Ctrl-C stops at once.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(session.end(), 2)
+        raise
+    return await session.end()
+
+
+async def _stream_and_follow(
+    producer: Producer,
+    session: ProducerSession,
+    pcm: bytes,
+    speed: float,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    view = TranscriptView(as_json) if follow else None
+    follower: asyncio.Task[None] | None = None
+    if view is not None:
+        follower = asyncio.create_task(_follow(producer.redis, producer.keys, session.sid, view))
+    try:
+        frames = await send_paced(session, pcm, speed)
+        if view is None:
+            seconds = frames * session.format.frame_seconds
+            click.echo(f"sent {frames} frames ({seconds:.2f} s of audio)", err=True)
+            return
+        assert follower is not None
+        await follower
+    finally:
+        if follower is not None:
+            await cancel_and_wait(follower)
+        if view is not None:
+            view.close()
+    if view.ended is not None and view.ended.get("reason") != END_COMPLETED:
+        raise RuntimeFailure(f"session {session.sid} ended: {view.ended.get('reason')}")
+
+
+async def _follow(redis: aioredis.Redis, keys: Keys, sid: str, view: TranscriptView) -> None:
+    async for event in transcripts.follow_session(redis, keys, sid, from_id="0"):
+        view.show(event)
+
+
+# ------------------------------------------------------------------------------- commands
+
+
+@click.command("produce")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Times real time; 0 = as fast as Redis takes it.",
+)
+@click.option("--session", "sid", help="Session id (default: a new random id).")
+@click.option(
+    "--option",
+    "option_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Deepgram option, repeatable (allow-listed).",
+)
+@click.option("--label", "label_pairs", multiple=True, metavar="KEY=VALUE", help="Session label, repeatable.")
+@click.option("--raw", is_flag=True, help="FILE is headerless 16 kHz mono 16-bit PCM.")
+@click.option("--follow", is_flag=True, help="Print the transcript as it arrives, until the session ends.")
+@click.option("--json", "as_json", is_flag=True, help="With --follow: one event per line as JSON.")
+@redis_options
+def produce(
+    file: Path,
+    speed: float,
+    sid: str | None,
+    option_pairs: tuple[str, ...],
+    label_pairs: tuple[str, ...],
+    raw: bool,
+    follow: bool,
+    as_json: bool,
+    redis_url: str,
+    namespace: str,
+    partitions: int,
+) -> None:
+    """Send a WAV (16 kHz mono 16-bit) or raw PCM FILE as one session; prints the session id."""
+    options, labels, sid = _options(option_pairs), _labels(label_pairs), _sid(sid)
+    try:
+        fmt, pcm = read_audio_file(file, raw=raw)
+    except AudioFileError as exc:
+        raise BadInput(str(exc)) from None
+
+    async def main(client: aioredis.Redis) -> None:
+        await _produce(client, namespace, partitions, sid, fmt, options, labels, pcm, speed, follow, as_json)
+
+    _run(redis_url, main)
+
+
+async def _produce(
+    client: aioredis.Redis,
+    namespace: str,
+    partitions: int,
+    sid: str | None,
+    fmt: AudioFormat,
+    options: dict[str, Any],
+    labels: dict[str, str],
+    pcm: bytes,
+    speed: float,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    async with Producer(client, namespace=namespace, partitions=partitions) as producer:
+        if sid is not None:
+            # Reusing an id would append seq 0.. to an old session's streams, which the worker
+            # reads as duplicates: refuse instead of producing a silently broken session.
+            skeys = producer.keys.session(sid)
+            if await client.exists(skeys.audio, skeys.state, skeys.results):
+                raise BadInput(f"session {sid} already exists; choose another --session")
+        session = await producer.open_session(sid, options=options, labels=labels, format=fmt)
+        click.echo(session.sid)  # first stdout line, alone, for scripts
+        await _stream_and_follow(producer, session, pcm, speed, follow, as_json)
+
+
+@click.command("replay")
+@click.argument("old_sid", metavar="SESSION")
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    help="Times real time; 0 = as fast as Redis takes it.",
+)
+@click.option("--session", "sid", help="Id of the new session (default: a new random id).")
+@click.option(
+    "--option",
+    "option_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Deepgram option overriding the recorded session's, repeatable.",
+)
+@click.option("--follow", is_flag=True, help="Print the transcript as it arrives, until the session ends.")
+@click.option("--json", "as_json", is_flag=True, help="With --follow: one event per line as JSON.")
+@redis_options
+def replay(
+    old_sid: str,
+    speed: float,
+    sid: str | None,
+    option_pairs: tuple[str, ...],
+    follow: bool,
+    as_json: bool,
+    redis_url: str,
+    namespace: str,
+    partitions: int,
+) -> None:
+    """Send a retained session's recorded audio again as a new session (e.g. with other options)."""
+    overrides, sid = _options(option_pairs), _sid(sid)
+    try:
+        validate_sid(old_sid)
+    except ProtocolError as exc:
+        raise BadInput(f"bad SESSION {old_sid!r}: {exc}") from None
+    if sid == old_sid:
+        raise BadInput("--session must differ from the replayed SESSION")
+
+    async def main(client: aioredis.Redis) -> None:
+        keys = Keys(namespace=namespace, partitions=partitions)
+        start = await find_session_start(client, keys, old_sid)
+        fmt = start.format if start else AudioFormat()
+        pcm = await recorded_audio(client, keys, old_sid, fmt.frame_bytes)
+        if start is None:
+            click.echo(f"warning: the start entry of {old_sid} is gone; using defaults", err=True)
+        try:
+            options = validate_options({**(start.options if start else {}), **overrides})
+        except ProtocolError as exc:
+            raise BadInput(f"recorded options of {old_sid} are not allowed: {exc}") from None
+        labels = {**(start.labels if start else {}), "replay_of": old_sid}
+        await _produce(client, namespace, partitions, sid, fmt, options, labels, pcm, speed, follow, as_json)
+
+    _run(redis_url, main)
+
+
+async def find_session_start(client: aioredis.Redis, keys: Keys, sid: str) -> SessionStart | None:
+    """The session's `sessions` entry: via the `start_id` the worker keeps in the state hash if it
+    is there, else by scanning the partition's sessions stream page by page; if the entry is gone
+    (trimmed), the `options` the state hash may keep, with the default audio format."""
+    skeys = keys.session(sid)
+    state = await client.hgetall(skeys.state)  # type: ignore[misc]
+    start_id = state.get(b"start_id")
+    if start_id:
+        entries = await client.xrange(skeys.sessions, start_id, start_id, count=1)
+        start = _matching_start(entries, sid)
+        if start is not None:
+            return start
+    cursor = "-"
+    while True:
+        entries = await client.xrange(skeys.sessions, cursor, "+", count=SCAN_BATCH)
+        start = _matching_start(entries, sid)
+        if start is not None:
+            return start
+        if len(entries) < SCAN_BATCH:
+            break
+        last = entries[-1][0]
+        cursor = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+    if b"options" in state:
+        try:
+            return SessionStart.from_fields({b"sid": sid.encode(), b"options": state[b"options"]})
+        except ProtocolError:
+            return None
+    return None
+
+
+def _matching_start(entries: list[Any], sid: str) -> SessionStart | None:
+    for _, fields in entries:
+        if fields.get(b"sid", b"").decode(errors="replace") != sid:
+            continue
+        try:
+            return SessionStart.from_fields(fields)
+        except ProtocolError:
+            continue
+    return None
+
+
+async def recorded_audio(client: aioredis.Redis, keys: Keys, sid: str, frame_bytes: int) -> bytes:
+    """The session's frames in seq order, each seq once (a retried XADD may have stored one twice)."""
+    audio = keys.session(sid).audio
+    frames: dict[int, bytes] = {}
+    cursor = "-"
+    while True:
+        entries = await client.xrange(audio, cursor, "+", count=SCAN_BATCH)
+        for _, fields in entries:
+            seq, pcm = fields.get(b"seq"), fields.get(b"pcm")
+            if seq is None or pcm is None or len(pcm) != frame_bytes:
+                continue  # the end marker, or an entry the worker would have refused
+            try:
+                frames.setdefault(int(seq), pcm)
+            except ValueError:
+                continue
+        if len(entries) < SCAN_BATCH:
+            break
+        last = entries[-1][0]
+        cursor = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+    if not frames:
+        raise BadInput(f"session {sid} has no recorded audio in Redis (expired, or never existed)")
+    return b"".join(frames[seq] for seq in sorted(frames))
+
+
+@click.command("tail")
+@click.option("--session", "sid", help="Follow one session from its first event until it ends.")
+@click.option("--json", "as_json", is_flag=True, help="One event per line, as JSON.")
+@redis_options
+def tail(sid: str | None, as_json: bool, redis_url: str, namespace: str, partitions: int) -> None:
+    """Print transcript events live: of every session from now on, or of one session."""
+    sid = _sid(sid)
+    show: Callable[[dict[str, Any]], str] = event_json if as_json else event_line
+
+    async def main(client: aioredis.Redis) -> None:
+        keys = Keys(namespace=namespace, partitions=partitions)
+        events = (
+            transcripts.follow_session(client, keys, sid, from_id="0")
+            if sid is not None
+            else transcripts.follow_all(client, keys, from_id="$")
+        )
+        async for event in events:
+            click.echo(show(event))
+
+    _run(redis_url, main)
+
+
+PRODUCER_COMMANDS = (produce, replay, tail)
+
+
+def add_producer_commands(group: click.Group) -> click.Group:
+    """Attach produce, replay and tail to a click group (the `voxqueue` CLI)."""
+    for command in PRODUCER_COMMANDS:
+        group.add_command(command)
+    return group
+
+
+@click.group()
+def main() -> None:
+    """voxqueue producer commands (standalone; normally part of `voxqueue`)."""
+
+
+add_producer_commands(main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""What a recognition engine hears, independent of how it is put on the wire.
+
+Engines (`marker`, `speech`) turn audio into these plain values and know nothing about JSON,
+sockets or Deepgram's message shapes; `messages.py` renders them. Keeping the two apart lets the
+marker engine be unit-tested as a pure function of its input bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+# Every engine speaks in 20 ms frames: the size of a frame follows the connection's declared format.
+FRAME_MS = 20
+
+
+def frame_bytes_for(sample_rate: int, channels: int) -> int:
+    return sample_rate * channels * 2 * FRAME_MS // 1000
+
+
+def seconds(value: float) -> float:
+    """Deepgram-style time: seconds, rounded so that float noise never reaches the client."""
+    return round(value, 6)
+
+
+class Word(NamedTuple):
+    # A NamedTuple, not a frozen dataclass: thousands are built per second and tuples build fastest.
+    word: str
+    start: float
+    end: float
+    confidence: float
+    punctuated_word: str
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """One `Results` message: the audio in [start, start + duration) and the words heard in it."""
+
+    start: float
+    duration: float
+    is_final: bool
+    speech_final: bool
+    words: tuple[Word, ...]
+    from_finalize: bool = False
+    # The punctuated transcript when the engine formats text; None means "the words joined".
+    text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
+class UtteranceEnd:
+    last_word_end: float
+
+
+Event = Transcript | SpeechStarted | UtteranceEnd
+
+
+class BadAudio(Exception):
+    """The audio cannot be decoded: the server closes with 1008 and this message as the reason."""
+
+
+class Engine(Protocol):
+    """The interface the server drives; one engine instance per connection."""
+
+    # True when feed() does CPU-heavy work that must run in a thread, off the event loop.
+    blocking: bool
+    # Arrival lags (ns) of timestamped marker frames, drained by the server into its stats.
+    lag_ns: list[int]
+
+    def feed(self, data: bytes, now_ns: int = 0) -> list[Event]: ...
+
+    def finalize(self) -> list[Event]: ...
+
+    def close_stream(self) -> list[Event]: ...
+
+    def audio_seconds(self) -> float: ...
+
+    def release(self) -> None: ...
