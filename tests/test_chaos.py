@@ -188,6 +188,8 @@ async def test_sigterm_hands_sessions_over(tmp_path: Path) -> None:
         for sid in busy:
             deadline = time.monotonic() + 15
             while (await owners(stack, [sid]))[sid] in ("", "t1") and time.monotonic() < deadline:
+                if await _ended(stack, sid):
+                    break
                 await asyncio.sleep(0.02)
             handover.append(await claimed_at(stack, sid) - term_at)
         assert stack.workers["t1"].wait(30) == 0
@@ -255,6 +257,6 @@ async def test_deepgram_401_fails_sessions_once_and_worker_keeps_serving(tmp_pat
         assert len(dead) == 3
         await redis.aclose()
         stats = stack.emulator_stats()
-        assert stats["connections"] == 3, stats  # 3 good sessions; the 3 rejected were never retried
+        assert stats["connections_accepted"] == 3, stats  # 3 good sessions; the 3 rejected were never retried
     finally:
         stack.stop()

@@ -1,21 +1,24 @@
-"""One blocking XREADGROUP over the audio streams of every session this worker owns.
+"""One blocking XREAD over the audio streams of every session this worker owns.
 
 Reading many streams per call is what makes the Redis hop cheap (ARCHITECTURE §9): one round trip
 brings frames for hundreds of sessions. Each session gets an `Inbox`; the reader only appends to it
-and wakes the session's sender. Frames are never acked here: a frame is acked when a final covers it.
+and wakes the session's sender.
+
+Why XREAD from the owner's own position and not XREADGROUP `>`: a consumer group keeps ONE cursor
+per stream for all its consumers. A former owner that was frozen past its lease still has a read in
+flight when it wakes, and that read moves the shared cursor past frames the new owner then never
+sees (the SIGSTOP chaos test caught exactly this). The lease on the session's `sessions` entry
+already makes ownership exclusive; the audio position belongs to the owner alone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ResponseError
 
-from producer import protocol as p
 from worker.backoff import Backoff
 from worker.store import TRANSIENT_REDIS_ERRORS
 
@@ -60,43 +63,44 @@ class Inbox:
         self.event.set()
 
 
+class _Follower:
+    __slots__ = ("inbox", "position")
+
+    def __init__(self, inbox: Inbox, position: bytes) -> None:
+        self.inbox = inbox
+        self.position = position
+
+
 class AudioReader:
-    def __init__(self, redis: aioredis.Redis, consumer: str, *, count: int, block_ms: int = 100) -> None:
+    def __init__(self, redis: aioredis.Redis, *, count: int, block_ms: int = 100) -> None:
         self.redis = redis
-        self.consumer = consumer
         self.count = count
         self.block_ms = block_ms
-        self.inboxes: dict[bytes, Inbox] = {}
+        self.followers: dict[bytes, _Follower] = {}
         self._changed = asyncio.Event()
         self.reads = 0
         self.entries_read = 0
 
-    def add(self, audio_key: str, inbox: Inbox) -> None:
-        self.inboxes[audio_key.encode()] = inbox
+    def follow(self, audio_key: str, inbox: Inbox, after: bytes) -> None:
+        """Deliver entries after `after` to `inbox` from the next read on (replaces any earlier
+        follow of the same stream: a read in flight for the old one is then discarded)."""
+        self.followers[audio_key.encode()] = _Follower(inbox, after)
         self._changed.set()
 
-    def remove(self, audio_key: str) -> None:
-        self.inboxes.pop(audio_key.encode(), None)
+    def unfollow(self, audio_key: str) -> None:
+        self.followers.pop(audio_key.encode(), None)
 
     async def run(self) -> None:
         backoff = Backoff(0.05, 2.0)
         while True:
-            if not self.inboxes:
+            if not self.followers:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            streams = dict.fromkeys(self.inboxes, ">")
+            snapshot = dict(self.followers)
+            streams = {key: f.position for key, f in snapshot.items()}
             try:
-                reply = await self.redis.xreadgroup(
-                    p.WORKERS_GROUP, self.consumer, streams, count=self.count, block=self.block_ms
-                )
-            except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # A stream lost its group (Redis restarted without persistence, or keys expired):
-                # recreate it; the session's sender re-reads from its commit point anyway.
-                await self._recreate_groups(list(streams))
-                continue
+                reply = await self.redis.xread(streams, count=self.count, block=self.block_ms)
             except TRANSIENT_REDIS_ERRORS as exc:
                 delay = backoff.next_delay()
                 log.warning("redis read failed, retrying", error=type(exc).__name__, retry_in=round(delay, 2))
@@ -104,35 +108,12 @@ class AudioReader:
                 continue
             backoff.reset()
             self.reads += 1
-            if not reply:
-                continue
-            orphans: list[tuple[bytes, list[bytes]]] = []
-            for key, entries in reply:
-                inbox = self.inboxes.get(key)
-                if not entries:
+            for key, entries in reply or ():
+                follower = snapshot.get(key)
+                # Deliver only to the follower the read was made for: a session that stopped or
+                # re-positioned while the read was in flight has moved on.
+                if not entries or follower is None or self.followers.get(key) is not follower:
                     continue
-                if inbox is None:
-                    orphans.append((key, [entry_id for entry_id, _ in entries]))
-                    continue
+                follower.position = entries[-1][0]
                 self.entries_read += len(entries)
-                inbox.deliver(entries)
-            if orphans:
-                await self._ack_orphans(orphans)
-
-    async def _ack_orphans(self, orphans: list[tuple[bytes, list[bytes]]]) -> None:
-        """Entries of a session that ended or moved while the read was in flight. Acking them is
-        only bookkeeping: whoever runs the session replays from its commit point, not from the
-        pending list, so nothing is lost; leaving them would show as never-acked frames."""
-        pipe = self.redis.pipeline(transaction=False)
-        for key, ids in orphans:
-            pipe.xack(key, p.WORKERS_GROUP, *ids)
-        with contextlib.suppress(TRANSIENT_REDIS_ERRORS):
-            await pipe.execute()
-
-    async def _recreate_groups(self, keys: list[bytes]) -> None:
-        for key in keys:
-            try:
-                await self.redis.xgroup_create(key, p.WORKERS_GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+                follower.inbox.deliver(entries)

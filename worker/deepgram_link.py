@@ -39,16 +39,22 @@ class DeepgramLink:
     async def connect(self, options: dict[str, Any], fmt: AudioFormat) -> AsyncIterator[AsyncV1SocketClient]:
         kwargs = connect_kwargs(options)
         kwargs.update(encoding=fmt.encoding, sample_rate=str(fmt.sample_rate), channels=str(fmt.channels))
-        async with contextlib.AsyncExitStack() as stack:
-            async with asyncio.timeout(self.connect_timeout):
-                conn = await stack.enter_async_context(self.client.listen.v1.connect(**kwargs))
-            try:
-                yield conn
-            except BaseException:
-                # Leaving `async with` would run the closing handshake, which waits up to 10 s on a
-                # half-open socket; after a failure there is nothing left to say, so drop it now.
-                abort(conn)
-                raise
+        manager = self.client.listen.v1.connect(**kwargs)
+        async with asyncio.timeout(self.connect_timeout):
+            conn = await manager.__aenter__()
+        try:
+            yield conn
+        except BaseException as exc:
+            # Leaving normally would run the closing handshake, which waits up to 10 s on a
+            # half-open socket; after a failure there is nothing left to say, so drop it now. The
+            # SDK's exit may then raise its own ConnectionClosed: never let it replace the original
+            # exception (a cancellation swallowed here would keep a handed-over session running).
+            abort(conn)
+            with contextlib.suppress(Exception):
+                await manager.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        else:
+            await manager.__aexit__(None, None, None)
 
 
 def abort(conn: AsyncV1SocketClient) -> None:

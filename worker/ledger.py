@@ -4,6 +4,9 @@ Pure logic, no I/O. The rules it encodes are the delivery guarantees of ARCHITEC
 
 * Frames go to Deepgram in seq order, each at least once; a seq already sent on this connection is
   a duplicate (a producer retry, or the same entry read twice) and is not sent again.
+* "Acked" means committed: the session's state records the last frame a final covered and its
+  audio entry id. The audio stream is never consumed destructively, so a new connection or a new
+  owner re-reads it from there.
 * A frame is committed (acked) only when a final result covers it; after a reconnect or takeover
   sending restarts at the first uncommitted frame (`rewind`).
 * Deepgram's clock restarts at 0 on every connection; session time = connection time + the time of
@@ -31,11 +34,11 @@ class Admission(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """Frames a final covers: [seq_from, seq_to], their entry ids to ack, and the new commit point."""
+    """Frames a final covers, [seq_from, seq_to], and the audio entry id of the last of them: the
+    new commit point, from which a new connection or a new owner re-reads the stream."""
 
     seq_from: int
     seq_to: int
-    entry_ids: tuple[bytes, ...]
     last_entry_id: bytes | None
 
 
@@ -48,8 +51,6 @@ class FrameLedger:
     connection_base_seq: int = 0
     # (seq, entry id or None for silence we filled in) of frames sent but not yet covered by a final.
     unacked: deque[tuple[int, bytes | None]] = field(default_factory=deque)
-    # Entry ids to ack with the next commit that no final will cover (duplicates of committed frames).
-    stray_ids: list[bytes] = field(default_factory=list)
 
     @classmethod
     def resume(cls, committed_seq: int, committed_id: bytes, frame_seconds: float = 0.02) -> FrameLedger:
@@ -59,10 +60,9 @@ class FrameLedger:
 
     # -------------------------------------------------------------------------------- sending
 
-    def admit(self, seq: int, entry_id: bytes | None) -> tuple[Admission, int]:
+    def admit(self, seq: int) -> tuple[Admission, int]:
         """Classify an incoming frame. For GAP, the int is how many frames are missing before it."""
         if seq < self.next_seq:
-            self._note_duplicate(seq, entry_id)
             return Admission.DUPLICATE, 0
         if seq > self.next_seq:
             return Admission.GAP, seq - self.next_seq
@@ -73,21 +73,6 @@ class FrameLedger:
             raise ValueError(f"frame {seq} sent out of order (expected {self.next_seq})")
         self.unacked.append((seq, entry_id))
         self.next_seq = seq + 1
-
-    def _note_duplicate(self, seq: int, entry_id: bytes | None) -> None:
-        if entry_id is None:
-            return
-        if seq <= self.committed_seq:
-            if stream_id_key(entry_id) > stream_id_key(
-                self.committed_id
-            ):  # a later copy of a committed frame: ack it, never send it
-                self.stray_ids.append(entry_id)
-            return
-        for sent_seq, sent_id in self.unacked:
-            if sent_seq == seq:
-                if sent_id != entry_id:
-                    self.stray_ids.append(entry_id)
-                return
 
     def rewind(self) -> None:
         """Start over from the first uncommitted frame (new connection, or a new owner)."""
@@ -118,16 +103,13 @@ class FrameLedger:
         last = min(self.connection_base_seq + frames_covered - 1, self.next_seq - 1)
         if last <= self.committed_seq:
             return None
-        ids: list[bytes] = []
         last_id: bytes | None = None
         for seq, entry_id in self.unacked:
             if seq > last:
                 break
             if entry_id is not None:
-                ids.append(entry_id)
                 last_id = entry_id
-        ids.extend(self.stray_ids)
-        return Commit(self.committed_seq + 1, last, tuple(ids), last_id)
+        return Commit(self.committed_seq + 1, last, last_id)
 
     def apply(self, commit: Commit) -> None:
         """The commit is durable in Redis: forget the covered frames."""
@@ -137,12 +119,6 @@ class FrameLedger:
         last = commit.last_entry_id
         if last is not None and stream_id_key(last) > stream_id_key(self.committed_id):
             self.committed_id = last
-        acked = set(commit.entry_ids)
-        self.stray_ids = [i for i in self.stray_ids if i not in acked]
-
-    def remaining_ids(self) -> list[bytes]:
-        """Everything still unacked, for the end of the session."""
-        return [i for _, i in self.unacked if i is not None] + list(self.stray_ids)
 
     # -------------------------------------------------------------------------------- time
 

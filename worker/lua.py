@@ -41,10 +41,11 @@ return {'ok', epoch,
   takeovers}
 """
 
-# KEYS: state, session results, partition results, audio
-# ARGV: epoch, seq_to, last_id ('' = none), maxlen, publish ('1'/'0'), type, sid, text, e, ids...
-# Publishes a final and acks the frames it covers in one step. Idempotent: a retry after an
-# ambiguous failure (connection lost after sending) sees committed_seq >= seq_to and does nothing.
+# KEYS: state, session results, partition results
+# ARGV: epoch, seq_to, last_id ('' = none), maxlen, publish ('1'/'0'), type, sid, text, e
+# Publishes a final and acknowledges the frames it covers (moves the commit point) in one step.
+# Idempotent: a retry after an ambiguous failure (connection lost after sending) sees
+# committed_seq >= seq_to and does nothing.
 COMMIT: Final = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1')
@@ -56,12 +57,7 @@ if ARGV[5] == '1' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
   redis.call('HINCRBY', KEYS[1], 'finals', 1)
 end
-for i = 10, #ARGV, 500 do
-  local last = math.min(i + 499, #ARGV)
-  redis.call('XACK', KEYS[4], 'workers', unpack(ARGV, i, last))
-end
-redis.call('HSET', KEYS[1], 'committed_seq', seq_to)
-redis.call('HSET', KEYS[1], 'frames', seq_to + 1)
+redis.call('HSET', KEYS[1], 'committed_seq', seq_to, 'frames', seq_to + 1)
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'committed_id', ARGV[3]) end
 return 'ok'
 """
@@ -81,9 +77,9 @@ return 'ok'
 
 # KEYS: state, session results, partition results, audio, sessions, dead
 # ARGV: epoch, maxlen, sessions_entry_id, retention_s, status, reason, type, sid, text, e,
-#       dead_reason ('' = no dead letter), frames, ids...
-# Ends a session: publishes session_ended, acks every frame still pending and the session's entry
-# in the sessions stream (the lease), and gives the session's keys the retention TTL.
+#       dead_reason ('' = no dead letter), frames
+# Ends a session: publishes session_ended, marks every frame done, acks the session's entry in the
+# sessions stream (its lease) and gives the session's keys the retention TTL.
 FINISH: Final = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -91,25 +87,14 @@ if status == 'ended' or status == 'failed' then return 'dup' end
 local fields = {'type', ARGV[7], 'sid', ARGV[8], 'text', ARGV[9], 'e', ARGV[10]}
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
-for i = 13, #ARGV, 500 do
-  local last = math.min(i + 499, #ARGV)
-  redis.call('XACK', KEYS[4], 'workers', unpack(ARGV, i, last))
-end
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  -- Nothing more will be read: move the group past the end, so a read already on its way
-  -- delivers nothing, and ack whatever is still pending (frames that no final covered).
-  if pcall(redis.call, 'XGROUP', 'SETID', KEYS[4], 'workers', '$') then
-    local pending = redis.call('XPENDING', KEYS[4], 'workers', '-', '+', 10000)
-    for _, p in ipairs(pending) do redis.call('XACK', KEYS[4], 'workers', p[1]) end
-  end
-end
 redis.call('XACK', KEYS[5], 'workers', ARGV[3])
 if ARGV[11] ~= '' then
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'sid', ARGV[8], 'reason', ARGV[11],
     'stream', KEYS[5], 'entry', ARGV[3])
 end
+local frames = tonumber(ARGV[12])
 redis.call('HSET', KEYS[1], 'status', ARGV[5], 'reason', ARGV[6], 'ended_at', redis.call('TIME')[1],
-  'frames', ARGV[12])
+  'frames', frames, 'committed_seq', frames - 1)
 redis.call('HDEL', KEYS[1], 'owner')
 local ttl = tonumber(ARGV[4])
 redis.call('EXPIRE', KEYS[1], ttl)
@@ -141,6 +126,7 @@ return lost
 # so the next XAUTOCLAIM anywhere takes it instead of waiting out the lease.
 RELEASE: Final = """
 if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[3] then return 'fenced' end
+if redis.call('HGET', KEYS[2], 'status') ~= 'active' then return 'done' end
 redis.call('HINCRBY', KEYS[2], 'epoch', 1)
 redis.call('HSET', KEYS[2], 'released', '1')
 redis.call('HDEL', KEYS[2], 'owner')

@@ -59,7 +59,7 @@ class WorkerPool:
             results_maxlen=settings.results_maxlen,
             retention=settings.retention_seconds,
         )
-        self.reader = AudioReader(self.read_redis, self.consumer, count=settings.read_count)
+        self.reader = AudioReader(self.read_redis, count=settings.read_count)
         self.link = DeepgramLink(settings.deepgram_url, settings.api_key(), settings.connect_timeout)
         self.ctx = WorkerContext(settings, self.store, self.reader, self.link, self.consumer)
         self.owned: dict[str, Owned] = {}
@@ -244,7 +244,6 @@ class WorkerPool:
         if acquired.status == "done":
             await self.store.ack_session_entry(sessions_key, entry_id)
             return
-        await self.store.ensure_group(sk.audio, "0")
         runner = SessionRunner(self.ctx, start, entry_id, acquired)
         if acquired.status == "poison":
             self.log.error(
@@ -355,34 +354,44 @@ class WorkerPool:
 
     async def _drain(self) -> None:
         """Finish sessions whose end marker arrived; hand every other one over at once."""
-        deadline = asyncio.get_running_loop().time() + self.settings.drain_seconds
-        handed = 0
-        for sid, owned in list(self.owned.items()):
-            if owned.runner.end_seen:
-                continue
-            owned.task.cancel()
-            await asyncio.gather(owned.task, return_exceptions=True)
-            sk = self.keys.session(sid)
-            with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
-                if await self.store.release(sk, self.consumer, owned.entry_id, owned.runner.epoch):
-                    handed += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_seconds
+        handing = [(sid, o) for sid, o in self.owned.items() if not o.runner.end_seen]
+        handed = await self._hand_over(handing)
         if handed:
             self.log.info("handed sessions over", sessions=handed)
-        remaining = [o.task for o in self.owned.values()]
+        remaining = list(self.owned.items())
         if remaining:
             self.log.info("waiting for ending sessions", sessions=len(remaining))
-            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-            everything = asyncio.ensure_future(asyncio.gather(*remaining, return_exceptions=True))
+            everything = asyncio.gather(*(o.task for _, o in remaining), return_exceptions=True)
             hard = asyncio.create_task(self.hard_stop.wait())
+            timeout = max(0.0, deadline - loop.time())
             await asyncio.wait([everything, hard], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             hard.cancel()
-            for sid, owned in list(self.owned.items()):
+            late = list(self.owned.items())
+            if late and not self.hard_stop.is_set():
+                self.log.warning(
+                    "drain deadline passed: handing over unfinished sessions", sessions=len(late)
+                )
+                await self._hand_over(late)
+            for _, owned in list(self.owned.items()):
                 owned.task.cancel()
-                await asyncio.gather(owned.task, return_exceptions=True)
-                if not self.hard_stop.is_set():
-                    sk = self.keys.session(sid)
-                    with contextlib.suppress(*TRANSIENT_REDIS_ERRORS):
-                        await self.store.release(sk, self.consumer, owned.entry_id, owned.runner.epoch)
+
+    async def _hand_over(self, sessions: list[tuple[str, Owned]]) -> int:
+        """Stops the sessions (closing their Deepgram links) and releases their leases."""
+        for _, owned in sessions:
+            owned.task.cancel()
+        await asyncio.gather(*(o.task for _, o in sessions), return_exceptions=True)
+
+        async def release(sid: str, owned: Owned) -> bool:
+            sk = self.keys.session(sid)
+            try:
+                return await self.store.release(sk, self.consumer, owned.entry_id, owned.runner.epoch)
+            except TRANSIENT_REDIS_ERRORS:
+                return False  # the lease will expire instead
+
+        results = await asyncio.gather(*(release(sid, o) for sid, o in sessions))
+        return sum(results)
 
     async def _pause_after(self, backoff: Backoff, exc: BaseException) -> None:
         delay = backoff.next_delay()

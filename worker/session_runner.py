@@ -87,6 +87,7 @@ class SessionRunner:
         self.options: dict[str, Any] = {}
         self.replies = 0
         self.closed_normally = False
+        self.last_read_id = self.ledger.committed_id
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -101,7 +102,6 @@ class SessionRunner:
         await self._publish(
             self.events.session_started(self.start, self.ctx.consumer), once="started_published"
         )
-        self.ctx.reader.add(self.keys.audio, self.inbox)
         try:
             try:
                 outcome = await self._stream()
@@ -112,14 +112,16 @@ class SessionRunner:
                 error_code = "bad_input"
             await self._end(outcome, error_code=error_code)
         finally:
-            self.ctx.reader.remove(self.keys.audio)
+            self.ctx.reader.unfollow(self.keys.audio)
 
     async def _stream(self) -> Outcome:
         backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         attempts = 0
         while True:
             self.ledger.rewind()
+            self.ctx.reader.unfollow(self.keys.audio)
             self.inbox.reset()
+            self.last_read_id = self.ledger.committed_id
             self.replies = 0
             try:
                 async with self.ctx.link.connect(self.options, self.fmt) as conn:
@@ -192,7 +194,6 @@ class SessionRunner:
                 exc = receiver.exception()
                 raise exc if exc else UnexpectedClose("Deepgram closed the stream before it was asked to")
             if self.inbox.overflowed:
-                self.inbox.reset()
                 if await self._catch_up(conn):
                     return p.END_COMPLETED
                 continue
@@ -221,18 +222,18 @@ class SessionRunner:
                 return p.END_ABANDONED
 
     async def _catch_up(self, conn: Any) -> bool:
-        """Re-reads uncommitted frames from Redis. True when the end marker was among them."""
-        after = self.ledger.committed_id
+        """Reads the stream from Redis after the last entry processed (after a rewind: the commit
+        point), then hands the stream to the shared live reader. True when the end was reached."""
+        self.ctx.reader.unfollow(self.keys.audio)
+        self.inbox.reset()
         while True:
             entries = await self._retry_redis(
-                lambda a=after: self.ctx.store.read_range(self.keys.audio, a, CATCHUP_BATCH)
+                lambda: self.ctx.store.read_range(self.keys.audio, self.last_read_id, CATCHUP_BATCH)
             )
-            if not entries:
-                return False
-            after = entries[-1][0]
-            if await self._process(conn, entries):
+            if entries and await self._process(conn, entries):
                 return True
             if len(entries) < CATCHUP_BATCH:
+                self.ctx.reader.follow(self.keys.audio, self.inbox, self.last_read_id)
                 return False
 
     async def _process(self, conn: Any, entries: list[Entry]) -> bool:
@@ -242,6 +243,7 @@ class SessionRunner:
         batch: list[bytes] = []
         end = False
         for entry_id, fields in entries:
+            self.last_read_id = entry_id
             try:
                 item = p.decode_audio_entry(fields, self.frame_bytes)
             except p.ProtocolError as exc:
@@ -256,7 +258,7 @@ class SessionRunner:
                     if not await self._fill_gap(conn, item.frames - ledger.next_seq, item.frames, entry_id):
                         raise _SessionBroken("end marker says more frames were sent than arrived")
                 break
-            admission, missing = ledger.admit(item.seq, entry_id)
+            admission, missing = ledger.admit(item.seq)
             if admission is Admission.DUPLICATE:
                 continue
             if admission is Admission.GAP:
@@ -387,7 +389,6 @@ class SessionRunner:
                 reason=outcome.reason,
                 event=event,
                 frames=self.ledger.next_seq,
-                ack_ids=self.ledger.remaining_ids(),
                 dead_reason=outcome.dead_reason,
             )
         )

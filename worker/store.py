@@ -107,11 +107,8 @@ class SessionStore:
             fields[p.R_SID],
             fields[p.R_TEXT],
             fields[p.R_EVENT],
-            *commit.entry_ids,
         ]
-        result = _s(
-            await self._commit(keys=[sk.state, sk.results, sk.partition_results, sk.audio], args=args)
-        )
+        result = _s(await self._commit(keys=[sk.state, sk.results, sk.partition_results], args=args))
         if result == "fenced":
             raise Fenced(sk.sid)
         return result
@@ -164,7 +161,6 @@ class SessionStore:
         reason: str,
         event: dict[str, Any],
         frames: int,
-        ack_ids: list[bytes],
         dead_reason: str = "",
     ) -> str:
         fields = p.encode_event(event)
@@ -181,7 +177,6 @@ class SessionStore:
             fields[p.R_EVENT],
             dead_reason,
             frames,
-            *ack_ids,
         ]
         keys = [sk.state, sk.results, sk.partition_results, sk.audio, sk.sessions, sk.dead]
         result = _s(await self._finish(keys=keys, args=args))
