@@ -122,11 +122,11 @@ class EventFactory:
         return event
 
 
-def standalone_event(sid: str, kind: str, detail: str, **fields: Any) -> dict[str, Any]:
+def standalone_event(sid: str, kind: str, id_detail: str, **fields: Any) -> dict[str, Any]:
     """An event for a session no worker runs (rejected or dead-lettered before it started)."""
     event: dict[str, Any] = {
         "v": p.PROTOCOL_VERSION,
-        "id": p.event_id(sid, kind, detail),
+        "id": p.event_id(sid, kind, id_detail),
         "type": kind,
         "sid": sid,
         "ts": now_ms(),
