@@ -155,3 +155,24 @@ async def test_transient_handshake_refusals_are_retried(status: int) -> None:
         await wait_until_ended(r.redis, KEYS, ["retry2"], 20)
         assert_perfect(await check_marker_session(r.redis, KEYS, "retry2", 60), 60)
         assert not [e for e in await session_events(r.redis, KEYS, "retry2") if e["type"] == p.ERROR]
+
+
+async def test_crash_looping_session_is_failed_not_run() -> None:
+    async with rig(max_takeovers=2) as r:
+        sk = KEYS.session("poison")
+        # As a session looks after its workers died on it twice: active, owned, taken over twice.
+        await r.redis.hset(
+            sk.state, mapping={"status": "active", "epoch": "3", "takeovers": "2", "owner": "dead"}
+        )
+        session = await r.producer.open_session(sid="poison")
+        await session.send_frame(marker_frame(0))
+        await wait_until_ended(r.redis, KEYS, ["poison"], 20)
+        events = await session_events(r.redis, KEYS, "poison")
+        assert [(e["type"], e.get("code")) for e in events][-2:] == [
+            (p.ERROR, "crash_loop"),
+            (p.SESSION_ENDED, None),
+        ]
+        assert events[-1]["reason"] == p.END_FAILED
+        assert await r.redis.hget(sk.state, "status") == b"failed"
+        assert r.emulator.stats_json()["connections_accepted"] == 0
+        assert len(await r.redis.xrange(KEYS.dead(0))) == 1
