@@ -25,6 +25,8 @@ every message). Control endpoints (plain HTTP GET on the same port):
 
 - `/_emulator/faults?<plan params>`: replace the fault plan (no params: read it; `reset=1`: clear);
 - `/_emulator/stats`: counters as JSON (`reset=1`: return them, then zero them);
+- `/_emulator/finals`: [request id, end on the connection, time.time_ns()] of each final sent
+  (`reset=1`: then forget them), for measuring transcript latency;
 - `/_emulator/health`: {"ok": true}.
 
 Compression is off: permessage-deflate would cost CPU per 640-byte frame for nothing on localhost.
@@ -253,6 +255,11 @@ class EmulatorServer:
             body = self.stats_json()  # flushes every session's pending lag samples first
             if reset:
                 self.stats.reset()
+            return self._json(connection, 200, json.dumps(body))
+        if path == CONTROL_PREFIX + "finals":
+            body = {"finals": list(self.stats.final_times)}
+            if reset:
+                self.stats.final_times.clear()
             return self._json(connection, 200, json.dumps(body))
         if path == CONTROL_PREFIX + "health":
             return self._json(connection, 200, json.dumps({"ok": True, "engine": self.engine}))

@@ -214,6 +214,8 @@ class Session:
                 else:
                     stats.interims_sent += 1
                 await self._send(r.results(e), "Results")
+                if e.is_final:
+                    stats.record_final(r.request_id, e.start + e.duration)
             elif isinstance(e, SpeechStarted):
                 await self._send(r.speech_started(e), "SpeechStarted")
             elif isinstance(e, UtteranceEnd):

@@ -9,7 +9,8 @@ constant memory while count, mean and max stay exact.
 from __future__ import annotations
 
 import random
-from collections import Counter
+import time
+from collections import Counter, deque
 from typing import Any
 
 DEFAULT_RESERVOIR = 200_000
@@ -58,6 +59,9 @@ class LagReservoir:
         }
 
 
+FINAL_TIMES_KEPT = 500_000
+
+
 class EmulatorStats:
     def __init__(self) -> None:
         self.reset()
@@ -75,6 +79,12 @@ class EmulatorStats:
         self.interims_sent = 0
         self.close_codes: Counter[int] = Counter()  # close codes the emulator sent
         self.lag = LagReservoir()
+        # When each final left: (request id, its end on the connection, time.time_ns()). Lets a
+        # benchmark measure transcript latency to the moment the final is readable downstream.
+        self.final_times: deque[tuple[str, float, int]] = deque(maxlen=FINAL_TIMES_KEPT)
+
+    def record_final(self, request_id: str, end: float) -> None:
+        self.final_times.append((request_id, round(end, 3), time.time_ns()))
 
     def to_json(self, connections_open: int = 0) -> dict[str, Any]:
         # Open connections are a fact about the server, not a counter: a reset must not zero them.
