@@ -1,0 +1,463 @@
+"""`python -m ops.bench` (or `make bench`): the pipeline against the direct-SDK pattern, in one run.
+
+Everything runs on this machine in separate processes: a private redis-server, the emulator
+(marker engine), one worker, and the load generators of ops/bench/loads.py. Prints one table and
+writes JSON (ops/bench-results/latest.json by default).
+
+    python -m ops.bench                         # S = 200 sessions for 20 s, pipeline then direct
+    python -m ops.bench --sessions 100 --seconds 10
+    python -m ops.bench --sweep 300,400,500,600 # most real-time sessions one worker sustains
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ops.bench.procs import percentile, sample
+from producer import protocol as p
+from worker.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+SUSTAIN_P99_MS = 50.0
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    sessions: int
+    seconds: float
+    frames_produced: int = 0
+    frames_delivered: int = 0
+    backlog_at_stop: int = 0
+    on_time: float = 1.0
+    lag_ms: dict[str, float] = field(default_factory=dict)
+    transcript_ms: dict[str, float] = field(default_factory=dict)
+    cpu_us_per_frame: dict[str, float] = field(default_factory=dict)
+    worker_rss_per_session_kib: float | None = None
+    round_trips_per_frame: float | None = None
+
+
+class Bench:
+    def __init__(self, tmp: Path, worker_env: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.worker_env = worker_env
+        self.redis = RedisServer()
+        self.emulator_port = free_port()
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    # ----------------------------------------------------------------------------- processes
+
+    def start(self) -> None:
+        self.redis.start()
+        self.emulator = self._spawn(
+            [
+                PY,
+                "-m",
+                "worker.cli",
+                "emulator",
+                "--port",
+                str(self.emulator_port),
+                "--engine",
+                "marker",
+                "--silence-timeout",
+                "30",
+            ],
+            "emulator.log",
+        )
+        self._wait_http("/_emulator/health")
+
+    def start_worker(self) -> None:
+        env = {
+            "VOXQUEUE_REDIS_URL": self.redis.url,
+            "VOXQUEUE_DEEPGRAM_URL": self.ws_url,
+            "VOXQUEUE_CONCURRENCY": "5000",
+            "VOXQUEUE_LOG_FORMAT": "json",
+            "VOXQUEUE_LOG_LEVEL": "warning",
+            **self.worker_env,
+        }
+        self.worker = self._spawn([PY, "-m", "worker.cli", "worker", "--name", "bench"], "worker.log", env)
+
+    def stop_worker(self) -> None:
+        if self.worker and self.worker.poll() is None:
+            self.worker.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.worker.wait(30)
+            if self.worker.poll() is None:
+                self.worker.kill()
+        self.worker = None
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        self.redis.cleanup()
+
+    def _spawn(self, argv: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        out = (self.tmp / log).open("ab")
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        self.procs.append(proc)
+        return proc
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.emulator_port}"
+
+    def emulator_get(self, path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.emulator_port}{path}", timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def _wait_http(self, path: str) -> None:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.emulator_get(path)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    # ----------------------------------------------------------------------------- phases
+
+    async def idle_worker_cpu(self, seconds: float = 3.0) -> float:
+        """Percent of one core the worker uses with no sessions (no busy polling allowed)."""
+        assert self.worker is not None
+        await asyncio.sleep(1.0)
+        before = sample(self.worker.pid)
+        await asyncio.sleep(seconds)
+        after = sample(self.worker.pid)
+        return 100.0 * (after.cpu_s - before.cpu_s) / seconds
+
+    async def pipeline(self, sessions: int, seconds: float, tag: str) -> PhaseResult:
+        assert self.worker is not None
+        result = PhaseResult("pipeline", sessions, seconds)
+        self.emulator_get("/_emulator/stats?reset=1")
+        self.emulator_get("/_emulator/finals?reset=1")
+        rss_idle = sample(self.worker.pid).rss_bytes
+        reader = FinalsReader(self.redis.url)
+        reader_task = asyncio.create_task(reader.run())
+        out = self.tmp / f"producer-{tag}.json"
+        proc = await asyncio.create_subprocess_exec(
+            PY,
+            "-m",
+            "ops.bench.loads",
+            "producer",
+            "--redis-url",
+            self.redis.url,
+            "--sessions",
+            str(sessions),
+            "--seconds",
+            str(seconds),
+            "--tag",
+            tag,
+            "--out",
+            str(out),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        await _expect(proc.stdout, "START")
+        frames0 = self.emulator_get("/_emulator/stats?reset=1")["frames_received"]
+        worker0 = sample(self.worker.pid)
+        await _expect(proc.stdout, "STOP")
+        worker1 = sample(self.worker.pid)
+        stats = self.emulator_get("/_emulator/stats")
+        await proc.wait()
+        produced = json.loads(out.read_text())
+        delivered_in_window = stats["frames_received"]
+        result.frames_produced = produced["frames"]
+        result.backlog_at_stop = max(0, produced["frames"] - frames0 - delivered_in_window)
+        result.on_time = produced["on_time"]
+        result.lag_ms = _lag(stats["lag"])
+        result.worker_rss_per_session_kib = (worker1.rss_bytes - rss_idle) / 1024 / max(1, sessions)
+        result.round_trips_per_frame = produced["round_trips"] / max(1, produced["frames"])
+        result.cpu_us_per_frame = {
+            "worker": 1e6 * (worker1.cpu_s - worker0.cpu_s) / max(1, delivered_in_window),
+            "producer": 1e6 * produced["cpu_s"] / max(1, produced["frames"]),
+        }
+        # Let every session end, then count what reached the emulator in all.
+        await self._wait_sessions_ended(sessions, tag, limit_s=60 + seconds)
+        result.frames_delivered = frames0 + self.emulator_get("/_emulator/stats")["frames_received"]
+        reader_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader_task
+        finals = self.emulator_get("/_emulator/finals?reset=1")["finals"]
+        result.transcript_ms = reader.latencies(finals)
+        await reader.aclose()
+        return result
+
+    async def direct(self, sessions: int, seconds: float) -> PhaseResult:
+        result = PhaseResult("direct", sessions, seconds)
+        self.emulator_get("/_emulator/stats?reset=1")
+        out = self.tmp / "direct.json"
+        proc = await asyncio.create_subprocess_exec(
+            PY,
+            "-m",
+            "ops.bench.loads",
+            "direct",
+            "--deepgram-url",
+            self.ws_url,
+            "--sessions",
+            str(sessions),
+            "--seconds",
+            str(seconds),
+            "--out",
+            str(out),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        await _expect(proc.stdout, "START")
+        self.emulator_get("/_emulator/stats?reset=1")
+        await _expect(proc.stdout, "STOP")
+        stats = self.emulator_get("/_emulator/stats")
+        await proc.wait()
+        sent = json.loads(out.read_text())
+        result.frames_produced = sent["frames"]
+        result.frames_delivered = self.emulator_get("/_emulator/stats")["frames_received"]
+        result.on_time = sent["on_time"]
+        result.lag_ms = _lag(stats["lag"])
+        result.cpu_us_per_frame = {"direct": 1e6 * sent["cpu_s"] / max(1, sent["frames"])}
+        return result
+
+    async def _wait_sessions_ended(self, sessions: int, tag: str, limit_s: float) -> None:
+        client = aioredis.Redis.from_url(self.redis.url)
+        keys = p.Keys()
+        deadline = time.monotonic() + limit_s
+        try:
+            pending = [f"bench-{tag}-{i}" for i in range(sessions)]
+            while pending and time.monotonic() < deadline:
+                pipe = client.pipeline(transaction=False)
+                for sid in pending:
+                    pipe.hget(keys.session(sid).state, "status")
+                statuses = await pipe.execute()
+                pending = [
+                    sid for sid, st in zip(pending, statuses, strict=True) if st not in (b"ended", b"failed")
+                ]
+                await asyncio.sleep(0.2)
+            if pending:
+                print(f"warning: {len(pending)} sessions did not end in time", file=sys.stderr)
+        finally:
+            await client.aclose()
+
+
+class FinalsReader:
+    """Reads the partition results stream as a downstream consumer would, noting when each final
+    became readable, to join with the emulator's send times."""
+
+    def __init__(self, url: str) -> None:
+        self.client = aioredis.Redis.from_url(url)
+        self.seen: dict[tuple[str, float], int] = {}
+
+    async def run(self) -> None:
+        key = p.Keys().results(0)
+        last = "$"
+        while True:
+            reply = await self.client.xread({key: last}, count=1000, block=1000)
+            now = time.time_ns()
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    last = entry_id
+                    if fields.get(b"type") != b"final":
+                        continue
+                    event = p.decode_event(fields)
+                    self.seen[(event["request_id"], round(event["end"], 3))] = now
+
+    def latencies(self, finals: list[list[Any]]) -> dict[str, float]:
+        values = [
+            (self.seen[(rid, round(end, 3))] - sent_ns) / 1e6
+            for rid, end, sent_ns in finals
+            if (rid, round(end, 3)) in self.seen
+        ]
+        return _summary(values)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def _expect(stream: asyncio.StreamReader, word: str) -> None:
+    while True:
+        line = await stream.readline()
+        if not line:
+            raise RuntimeError(f"load generator exited before printing {word}")
+        if line.strip() == word.encode():
+            return
+
+
+def _lag(summary: dict[str, Any]) -> dict[str, float]:
+    return {k: summary.get(f"{k}_ms", float("nan")) for k in ("p50", "p99", "max")}
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "count": len(values),
+        "p50": percentile(values, 0.5),
+        "p99": percentile(values, 0.99),
+        "max": max(values) if values else float("nan"),
+    }
+
+
+# --------------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def print_table(pipe: PhaseResult, direct: PhaseResult, idle_pct: float) -> list[tuple[str, str, str]]:
+    w = pipe.cpu_us_per_frame["worker"]
+    pr = pipe.cpu_us_per_frame["producer"]
+    d = direct.cpu_us_per_frame["direct"]
+    rows = [
+        (
+            "sessions × seconds",
+            f"{pipe.sessions} × {pipe.seconds:g}",
+            f"{direct.sessions} × {direct.seconds:g}",
+        ),
+        (
+            "frames produced / delivered",
+            f"{pipe.frames_produced} / {pipe.frames_delivered}",
+            f"{direct.frames_produced} / {direct.frames_delivered}",
+        ),
+        ("frames on schedule", f"{pipe.on_time:.1%}", f"{direct.on_time:.1%}"),
+        ("frame lag p50 / p99 / max (ms)", _fmt3(pipe.lag_ms), _fmt3(direct.lag_ms)),
+        (
+            "transcript latency p50 / p99 (ms)",
+            _fmt2(pipe.transcript_ms),
+            "—",
+        ),
+        ("CPU µs per frame", f"worker {w:.1f}, producer {pr:.1f}", f"{d:.1f}"),
+        ("worker ÷ direct CPU per frame", f"{w / d:.2f}", "1.00"),
+        ("producer ÷ direct CPU per frame", f"{pr / d:.2f}", "1.00"),
+        ("Redis round trips per produced frame", f"{pipe.round_trips_per_frame:.3f}", "—"),
+        ("worker RSS per session (KiB)", f"{pipe.worker_rss_per_session_kib:.0f}", "—"),
+        ("backlog at end of window (frames)", str(pipe.backlog_at_stop), "—"),
+        ("idle worker CPU (% of a core)", f"{idle_pct:.2f}", "—"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'':{width}}  {'pipeline':>34}  {'direct SDK':>14}")
+    for name, a, b in rows:
+        print(f"{name:{width}}  {a:>34}  {b:>14}")
+    return rows
+
+
+def _fmt3(d: dict[str, float]) -> str:
+    return " / ".join(f"{d.get(k, float('nan')):.1f}" for k in ("p50", "p99", "max"))
+
+
+def _fmt2(d: dict[str, float]) -> str:
+    return " / ".join(f"{d.get(k, float('nan')):.1f}" for k in ("p50", "p99"))
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="voxqueue-bench-"))
+    worker_env = dict(kv.split("=", 1) for kv in args.worker_env)
+    bench = Bench(tmp, worker_env)
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "args": vars(args),
+        "worker_env": worker_env,
+    }
+    try:
+        bench.start()
+        bench.start_worker()
+        idle = await bench.idle_worker_cpu()
+        report["idle_worker_cpu_pct"] = idle
+        if args.sweep:
+            report["sweep"] = []
+            for i, s in enumerate(int(x) for x in args.sweep.split(",")):
+                res = await bench.pipeline(s, args.seconds, tag=f"sweep{i}")
+                ok = (
+                    res.lag_ms["p99"] <= SUSTAIN_P99_MS
+                    and res.backlog_at_stop <= 2 * s
+                    and res.on_time > 0.99
+                )
+                report["sweep"].append({**asdict(res), "sustained": ok})
+                print(
+                    f"S={s:5d}  lag p50/p99/max {_fmt3(res.lag_ms)} ms  backlog {res.backlog_at_stop:6d}  "
+                    f"on schedule {res.on_time:.1%}  worker {res.cpu_us_per_frame['worker']:.1f} µs/frame  "
+                    f"{'sustained' if ok else 'NOT sustained'}",
+                    flush=True,
+                )
+            sustained = [r["sessions"] for r in report["sweep"] if r["sustained"]]
+            report["max_sustained_sessions"] = max(sustained) if sustained else 0
+            print(f"most real-time sessions one worker sustained: {report['max_sustained_sessions']}")
+        else:
+            pipe = await bench.pipeline(args.sessions, args.seconds, tag="main")
+            bench.stop_worker()  # the direct phase shares the machine with the emulator only
+            direct = await bench.direct(args.sessions, args.seconds)
+            report["pipeline"], report["direct"] = asdict(pipe), asdict(direct)
+            report["ratios"] = {
+                "worker_vs_direct": pipe.cpu_us_per_frame["worker"] / direct.cpu_us_per_frame["direct"],
+                "producer_vs_direct": pipe.cpu_us_per_frame["producer"] / direct.cpu_us_per_frame["direct"],
+            }
+            report["table"] = print_table(pipe, direct, idle)
+    finally:
+        bench.stop_worker()
+        bench.stop()
+    out = Path(args.out)
+    await asyncio.to_thread(_write_json, out, report)
+    print(f"\nwrote {out}  (process logs in {tmp})")
+    return report
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--sweep", help="comma-separated session counts: find the most one worker sustains")
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the worker, e.g. VOXQUEUE_MAX_FRAMES_PER_MESSAGE=5",
+    )
+    parser.add_argument("--out", default=str(ROOT / "ops" / "bench-results" / "latest.json"))
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.run(run(args))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The two load generators of the benchmark, each run as its own process so its CPU is its own.
+
+* `producer`: S sessions through the voxqueue producer library into Redis (the pipeline).
+* `direct`:   S deepgram-sdk connections straight to the emulator, one `send_media` per 20 ms frame
+              (the pattern of Deepgram's own SDK docs, which voxqueue replaces).
+
+Both send marker frames (`VQMK` + seq + send time) at 50 frames/s per session, each session on its
+own random phase within the 20 ms period, as independent callers would. Each prints `START` and
+`STOP` lines on stdout around the steady sending window and writes a JSON result file.
+
+    python -m ops.bench.loads producer --redis-url URL --sessions 200 --seconds 20 --out p.json
+    python -m ops.bench.loads direct --deepgram-url ws://127.0.0.1:8765 --sessions 200 --seconds 20 \
+        --out d.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvloop
+
+from producer.audio import marker_frame
+from producer.client import Producer
+
+FRAME_S = 0.02
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def paced_frames(
+    seconds: float, start: float, phase: float, send: Callable[[int], Awaitable[None]]
+) -> int:
+    """Calls send(n) at start + phase + n × 20 ms until `seconds` have passed; returns frames sent."""
+    frames = int(seconds / FRAME_S)
+    for n in range(frames):
+        delay = start + phase + n * FRAME_S - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await send(n)
+    return frames
+
+
+def announce(word: str) -> None:
+    print(word, flush=True)
+
+
+async def run_producer(args: argparse.Namespace) -> dict[str, Any]:
+    rng = random.Random(1)
+    async with Producer(args.redis_url) as producer:
+        sessions = [await producer.open_session(sid=f"bench-{args.tag}-{i}") for i in range(args.sessions)]
+        start = time.monotonic() + 0.5
+        await asyncio.sleep(0.5)
+        announce("START")
+        cpu0, t0 = cpu_seconds(), time.monotonic()
+        flushes0 = producer.stats.flushes
+
+        async def one(session: Any) -> int:
+            async def send(n: int) -> None:
+                await session.send_frame(marker_frame(n, time.time_ns()), wait=False)
+
+            return await paced_frames(args.seconds, start, rng.uniform(0, FRAME_S), send)
+
+        counts = await asyncio.gather(*(one(s) for s in sessions))
+        await producer.flush()
+        cpu1, t1 = cpu_seconds(), time.monotonic()
+        flushes = producer.stats.flushes - flushes0
+        announce("STOP")
+        for session in sessions:
+            await session.end()
+    frames = sum(counts)
+    return {
+        "frames": frames,
+        "cpu_s": cpu1 - cpu0,
+        "wall_s": t1 - t0,
+        "round_trips": flushes,
+        "on_time": frames / (args.sessions * args.seconds / FRAME_S) if args.sessions else 1.0,
+        "late_s": max(0.0, (t1 - t0) - args.seconds - 0.5),
+    }
+
+
+async def run_direct(args: argparse.Namespace) -> dict[str, Any]:
+    from deepgram import AsyncDeepgramClient
+    from deepgram.environment import DeepgramClientEnvironment
+
+    base = args.deepgram_url.replace("ws://", "http://").replace("wss://", "https://")
+    env = DeepgramClientEnvironment(
+        base=base, production=args.deepgram_url, agent=args.deepgram_url, agent_rest=base
+    )
+    client = AsyncDeepgramClient(api_key="bench", environment=env)
+    rng = random.Random(1)
+    ready = asyncio.Event()
+    go = asyncio.Event()
+    opened = 0
+    start_at = 0.0
+
+    async def one(i: int) -> int:
+        nonlocal opened
+        async with client.listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate="16000", channels="1"
+        ) as conn:
+
+            async def read() -> None:
+                async for _ in conn:
+                    pass
+
+            reader = asyncio.create_task(read())
+            opened += 1
+            if opened == args.sessions:
+                ready.set()
+            await go.wait()
+            sent = await paced_frames(
+                args.seconds,
+                start_at,
+                rng.uniform(0, FRAME_S),
+                lambda n: conn.send_media(marker_frame(n, time.time_ns())),
+            )
+            await conn.send_close_stream()
+            await reader
+            return sent
+
+    tasks = [asyncio.create_task(one(i)) for i in range(args.sessions)]
+    await ready.wait()
+    start_at = time.monotonic() + 0.5
+    announce("START")
+    cpu0, t0 = cpu_seconds(), time.monotonic()
+    go.set()
+    # The window ends when the last frame went out: measure then, before the close handshakes.
+    await asyncio.sleep(max(0.0, start_at + args.seconds + 0.03 - time.monotonic()))
+    cpu1, t1 = cpu_seconds(), time.monotonic()
+    announce("STOP")
+    counts = await asyncio.gather(*tasks)
+    frames = sum(counts)
+    return {
+        "frames": frames,
+        "cpu_s": cpu1 - cpu0,
+        "wall_s": t1 - t0,
+        "on_time": frames / (args.sessions * args.seconds / FRAME_S) if args.sessions else 1.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m ops.bench.loads")
+    parser.add_argument("mode", choices=["producer", "direct"])
+    parser.add_argument("--sessions", type=int, required=True)
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--redis-url")
+    parser.add_argument("--deepgram-url")
+    parser.add_argument("--tag", default="0")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    runner = run_producer if args.mode == "producer" else run_direct
+    result = uvloop.run(runner(args))
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
