@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 import structlog
@@ -63,28 +64,36 @@ class Inbox:
         self.event.set()
 
 
-class _Follower:
-    __slots__ = ("inbox", "position")
+InlineSender = Callable[[list[Entry]], Awaitable[bool]]
 
-    def __init__(self, inbox: Inbox, position: bytes) -> None:
+
+class _Follower:
+    __slots__ = ("inbox", "inline", "position")
+
+    def __init__(self, inbox: Inbox, position: bytes, inline: InlineSender | None) -> None:
         self.inbox = inbox
         self.position = position
+        self.inline = inline
 
 
 class AudioReader:
-    def __init__(self, redis: aioredis.Redis, *, count: int, block_ms: int = 100) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, *, count: int, block_ms: int = 100, read_interval_ms: float = 0.0
+    ) -> None:
         self.redis = redis
         self.count = count
         self.block_ms = block_ms
+        self.read_interval = read_interval_ms / 1000
         self.followers: dict[bytes, _Follower] = {}
         self._changed = asyncio.Event()
         self.reads = 0
         self.entries_read = 0
 
-    def follow(self, audio_key: str, inbox: Inbox, after: bytes) -> None:
-        """Deliver entries after `after` to `inbox` from the next read on (replaces any earlier
-        follow of the same stream: a read in flight for the old one is then discarded)."""
-        self.followers[audio_key.encode()] = _Follower(inbox, after)
+    def follow(self, audio_key: str, inbox: Inbox, after: bytes, inline: InlineSender | None = None) -> None:
+        """Deliver entries after `after` from the next read on: to `inline` when it accepts them
+        (it sends them at once, from this task), else to `inbox`. Replaces any earlier follow of
+        the same stream: a read in flight for the old one is then discarded."""
+        self.followers[audio_key.encode()] = _Follower(inbox, after, inline)
         self._changed.set()
 
     def unfollow(self, audio_key: str) -> None:
@@ -92,15 +101,25 @@ class AudioReader:
 
     async def run(self) -> None:
         backoff = Backoff(0.05, 2.0)
+        loop = asyncio.get_running_loop()
         while True:
             if not self.followers:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
             snapshot = dict(self.followers)
-            streams = {key: f.position for key, f in snapshot.items()}
+            args: list[bytes | int | str] = [
+                "COUNT",
+                self.count,
+                "BLOCK",
+                self.block_ms,
+                "STREAMS",
+                *snapshot,
+            ]
+            args += [f.position for f in snapshot.values()]
+            started = loop.time()
             try:
-                reply = await self.redis.xread(streams, count=self.count, block=self.block_ms)
+                reply = await self.redis.execute_command("XREAD", *args)
             except TRANSIENT_REDIS_ERRORS as exc:
                 delay = backoff.next_delay()
                 log.warning("redis read failed, retrying", error=type(exc).__name__, retry_in=round(delay, 2))
@@ -116,4 +135,13 @@ class AudioReader:
                     continue
                 follower.position = entries[-1][0]
                 self.entries_read += len(entries)
+                if follower.inline is not None and await follower.inline(entries):
+                    continue
                 follower.inbox.deliver(entries)
+            # Every XREAD names every followed stream, so its cost grows with the session count;
+            # when frames trickle in, reading at most once per interval lets each read carry many
+            # sessions' frames (a bounded latency cost, measured in BENCHMARKS.md).
+            if reply and self.read_interval > 0:
+                rest = self.read_interval - (loop.time() - started)
+                if rest > 0:
+                    await asyncio.sleep(rest)

@@ -65,7 +65,10 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(20.0, ge=0, le=3600)
     results_maxlen: int = Field(1_000_000, ge=1000, description="approximate cap of partition results")
 
-    read_count: int = Field(64, ge=1, le=10_000, description="XREADGROUP COUNT per stream")
+    read_count: int = Field(64, ge=1, le=10_000, description="XREAD COUNT per stream")
+    read_interval_ms: float = Field(
+        5.0, ge=0, le=100, description="at most one audio read per interval, so each read carries more"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     metrics_port: int | None = Field(None, ge=0, le=65535)

@@ -59,7 +59,9 @@ class WorkerPool:
             results_maxlen=settings.results_maxlen,
             retention=settings.retention_seconds,
         )
-        self.reader = AudioReader(self.read_redis, count=settings.read_count)
+        self.reader = AudioReader(
+            self.read_redis, count=settings.read_count, read_interval_ms=settings.read_interval_ms
+        )
         self.link = DeepgramLink(settings.deepgram_url, settings.api_key(), settings.connect_timeout)
         self.ctx = WorkerContext(settings, self.store, self.reader, self.link, self.consumer)
         self.owned: dict[str, Owned] = {}

@@ -40,6 +40,7 @@ log = structlog.get_logger("voxqueue.session")
 
 CATCHUP_BATCH = 256
 MAX_GAP_FRAMES = 250  # a seq gap longer than this (5 s at 20 ms) is a broken producer, not a blip
+INLINE_MAX_BUFFERED = 64 * 1024  # socket write buffer beyond which the reader stops sending inline
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,10 @@ class SessionRunner:
         self.replies = 0
         self.closed_normally = False
         self.last_read_id = self.ledger.committed_id
+        self.next_send_at = 0.0
+        self.inline_conn: Any = None
+        self.inline_end = False
+        self.inline_error: BaseException | None = None
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -122,6 +127,7 @@ class SessionRunner:
             self.ctx.reader.unfollow(self.keys.audio)
             self.inbox.reset()
             self.last_read_id = self.ledger.committed_id
+            self.inline_end, self.inline_error, self.inline_conn = False, None, None
             self.replies = 0
             try:
                 async with self.ctx.link.connect(self.options, self.fmt) as conn:
@@ -187,9 +193,16 @@ class SessionRunner:
     async def _send_until_end(self, conn: Any, receiver: asyncio.Task[None]) -> str:
         """Sends frames until the end marker (returns "completed") or idleness ("abandoned")."""
         loop = asyncio.get_running_loop()
+        send_interval = self.settings.send_interval_ms / 1000
+        self.next_send_at = 0.0
         if await self._catch_up(conn):
             return p.END_COMPLETED
         while True:
+            if self.inline_error is not None:
+                error, self.inline_error = self.inline_error, None
+                raise error
+            if self.inline_end:
+                return p.END_COMPLETED
             if receiver.done():
                 exc = receiver.exception()
                 raise exc if exc else UnexpectedClose("Deepgram closed the stream before it was asked to")
@@ -198,16 +211,27 @@ class SessionRunner:
                     return p.END_COMPLETED
                 continue
             if self.inbox.entries:
+                if send_interval:
+                    # Trade latency for fewer WebSocket messages: frames that arrive within the
+                    # interval go out together as one message.
+                    wait = self.next_send_at - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    self.next_send_at = loop.time() + send_interval
                 if await self._process(conn, self.inbox.take()):
                     return p.END_COMPLETED
                 continue
             now = loop.time()
             idle_left = self.settings.idle_timeout - (time.monotonic() - self.last_input_at)
+            # While parked here the reader may send this session's frames itself (send_inline).
+            self.inline_conn = conn if not send_interval else None
             try:
                 async with asyncio.timeout(min(self.clock.next_check_in(now), max(idle_left, 0.01))):
                     await self.inbox.event.wait()
             except TimeoutError:
                 pass
+            finally:
+                self.inline_conn = None
             self.inbox.event.clear()
             now = loop.time()
             if self.clock.stalled(now):
@@ -221,6 +245,32 @@ class SessionRunner:
                 )
                 return p.END_ABANDONED
 
+    async def send_inline(self, entries: list[Entry]) -> bool:
+        """Called by the audio reader with fresh entries: sends them from the reader's own task when
+        this session is parked waiting for audio, so a live frame costs no task switch. Declines
+        (False: the entries go to the inbox instead) whenever sending could wait: backpressure on
+        the socket, catch-up pacing, or entries already queued."""
+        conn = self.inline_conn
+        if conn is None or self.inbox.entries or self.inbox.overflowed:
+            return False
+        transport = getattr(getattr(conn, "_websocket", None), "transport", None)
+        if transport is None or transport.get_write_buffer_size() > INLINE_MAX_BUFFERED:
+            return False
+        loop = asyncio.get_running_loop()
+        if self.pacer.delay(len(entries) * self.fmt.frame_seconds, loop.time()) > 0:
+            return False
+        self.inline_conn = None  # no re-entry while this send is in progress
+        try:
+            self.inline_end = await self._process(conn, entries)
+        except Exception as exc:
+            self.inline_error = exc
+        finally:
+            if not self.inline_end and self.inline_error is None:
+                self.inline_conn = conn
+        if self.inline_end or self.inline_error is not None:
+            self.inbox.wake()
+        return True
+
     async def _catch_up(self, conn: Any) -> bool:
         """Reads the stream from Redis after the last entry processed (after a rewind: the commit
         point), then hands the stream to the shared live reader. True when the end was reached."""
@@ -233,7 +283,7 @@ class SessionRunner:
             if entries and await self._process(conn, entries):
                 return True
             if len(entries) < CATCHUP_BATCH:
-                self.ctx.reader.follow(self.keys.audio, self.inbox, self.last_read_id)
+                self.ctx.reader.follow(self.keys.audio, self.inbox, self.last_read_id, self.send_inline)
                 return False
 
     async def _process(self, conn: Any, entries: list[Entry]) -> bool:
