@@ -26,6 +26,7 @@ from worker.store import TRANSIENT_REDIS_ERRORS
 log = structlog.get_logger("voxqueue.reader")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+YIELD_EVERY = 16  # inline sends between two yields to the event loop
 
 
 class Inbox:
@@ -127,6 +128,7 @@ class AudioReader:
                 continue
             backoff.reset()
             self.reads += 1
+            inline_sends = 0
             for key, entries in reply or ():
                 follower = snapshot.get(key)
                 # Deliver only to the follower the read was made for: a session that stopped or
@@ -136,6 +138,11 @@ class AudioReader:
                 follower.position = entries[-1][0]
                 self.entries_read += len(entries)
                 if follower.inline is not None and await follower.inline(entries):
+                    inline_sends += 1
+                    if inline_sends % YIELD_EVERY == 0:
+                        # Let transcripts coming back (and anything else ready) through between
+                        # slices of a big read, so they never wait for the whole read to go out.
+                        await asyncio.sleep(0)
                     continue
                 follower.inbox.deliver(entries)
             # Every XREAD names every followed stream, so its cost grows with the session count;

@@ -268,6 +268,7 @@ class FinalsReader:
     def __init__(self, url: str) -> None:
         self.client = aioredis.Redis.from_url(url)
         self.seen: dict[tuple[str, float], int] = {}
+        self.built: dict[tuple[str, float], int] = {}  # the event's ts: when the worker built it
 
     async def run(self) -> None:
         key = p.Keys().results(0)
@@ -282,6 +283,7 @@ class FinalsReader:
                         continue
                     event = p.decode_event(fields)
                     self.seen[(event["request_id"], round(event["end"], 3))] = now
+                    self.built[(event["request_id"], round(event["end"], 3))] = event["ts"] * 1_000_000
 
     def latencies(self, finals: list[list[Any]]) -> dict[str, float]:
         values = [
@@ -289,7 +291,16 @@ class FinalsReader:
             for rid, end, sent_ns in finals
             if (rid, round(end, 3)) in self.seen
         ]
-        return _summary(values)
+        out = _summary(values)
+        # Split: emulator send -> worker built the event (ms clock), and built -> readable.
+        to_worker = [
+            (self.built[(rid, round(end, 3))] - sent_ns) / 1e6
+            for rid, end, sent_ns in finals
+            if (rid, round(end, 3)) in self.built
+        ]
+        out["to_worker_p50"] = percentile(to_worker, 0.5)
+        out["to_worker_p99"] = percentile(to_worker, 0.99)
+        return out
 
     async def aclose(self) -> None:
         await self.client.aclose()

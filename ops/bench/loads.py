@@ -4,8 +4,10 @@
 * `direct`:   S deepgram-sdk connections straight to the emulator, one `send_media` per 20 ms frame
               (the pattern of Deepgram's own SDK docs, which voxqueue replaces).
 
-Both send marker frames (`VQMK` + seq + send time) at 50 frames/s per session, each session on its
-own random phase within the 20 ms period, as independent callers would. Each prints `START` and
+Both send marker frames (`VQMK` + seq + send time) at 50 frames/s per session. Each session starts
+at its own random moment within the first second, as independent callers would: sessions started in
+the same millisecond would also get their finals in the same millisecond (the emulator finalises
+every 0.5 s of audio), a synchronised burst real traffic does not have. Each prints `START` and
 `STOP` lines on stdout around the steady sending window and writes a JSON result file.
 
     python -m ops.bench.loads producer --redis-url URL --sessions 200 --seconds 20 --out p.json
@@ -29,8 +31,10 @@ import uvloop
 
 from producer.audio import marker_frame
 from producer.client import Producer
+from worker.cli import tune_gc
 
 FRAME_S = 0.02
+PHASE_SPREAD_S = 1.0  # session start offsets are uniform in [0, this)
 
 
 def cpu_seconds() -> float:
@@ -59,8 +63,12 @@ async def run_producer(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(1)
     async with Producer(args.redis_url) as producer:
         sessions = [await producer.open_session(sid=f"bench-{args.tag}-{i}") for i in range(args.sessions)]
-        start = time.monotonic() + 0.5
-        await asyncio.sleep(0.5)
+        # Steady state, not a thundering herd: let the worker claim every session and open its
+        # Deepgram connection before the first frame (sessions opened at once are not the
+        # pattern under test; their ramp is measured by the chaos and end-to-end tests).
+        warmup = 1.0 + args.sessions / 200
+        start = time.monotonic() + warmup
+        await asyncio.sleep(warmup)
         announce("START")
         cpu0, t0 = cpu_seconds(), time.monotonic()
         flushes0 = producer.stats.flushes
@@ -69,7 +77,7 @@ async def run_producer(args: argparse.Namespace) -> dict[str, Any]:
             async def send(n: int) -> None:
                 await session.send_frame(marker_frame(n, time.time_ns()), wait=False)
 
-            return await paced_frames(args.seconds, start, rng.uniform(0, FRAME_S), send)
+            return await paced_frames(args.seconds, start, rng.uniform(0, PHASE_SPREAD_S), send)
 
         counts = await asyncio.gather(*(one(s) for s in sessions))
         await producer.flush()
@@ -136,7 +144,7 @@ async def run_direct(args: argparse.Namespace) -> dict[str, Any]:
     cpu0, t0 = cpu_seconds(), time.monotonic()
     go.set()
     # The window ends when the last frame went out: measure then, before the close handshakes.
-    await asyncio.sleep(max(0.0, start_at + args.seconds + 0.03 - time.monotonic()))
+    await asyncio.sleep(max(0.0, start_at + args.seconds + PHASE_SPREAD_S + 0.03 - time.monotonic()))
     cpu1, t1 = cpu_seconds(), time.monotonic()
     announce("STOP")
     counts = await asyncio.gather(*tasks)
@@ -160,6 +168,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     runner = run_producer if args.mode == "producer" else run_direct
+    # The same collector settings as `voxqueue worker`, for both patterns alike.
+    tune_gc()
     result = uvloop.run(runner(args))
     with open(args.out, "w") as f:
         json.dump(result, f)
