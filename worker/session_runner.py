@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from deepgram.listen.v1.types import (
-    ListenV1Error,
-    ListenV1Metadata,
-    ListenV1Results,
-    ListenV1SpeechStarted,
-    ListenV1UtteranceEnd,
-)
 
 from producer import protocol as p
 from producer.options import validate_options
+from worker import deepgram_messages as dm
 from worker.audio_reader import AudioReader, Entry, Inbox
 from worker.backoff import Backoff
 from worker.config import Settings
@@ -378,35 +373,40 @@ class SessionRunner:
         self.closed_normally = False
         loop = asyncio.get_running_loop()
         try:
-            async for message in conn:
+            async for raw in _raw_messages(conn):
                 self.clock.reply_received(loop.time())
                 self.replies += 1
+                try:
+                    message = dm.decode(raw)
+                except dm.UnknownMessage as exc:
+                    self.log.debug("skipped a message from deepgram", reason=str(exc))
+                    continue
                 await self._on_message(message)
             self.closed_normally = True
         finally:
             self.inbox.wake()
 
-    async def _on_message(self, msg: Any) -> None:
-        if isinstance(msg, ListenV1Results):
+    async def _on_message(self, msg: dm.Message) -> None:
+        if isinstance(msg, dm.Results):
             if msg.metadata is not None:
                 self.request_id = msg.metadata.request_id
+            alts = msg.channel.alternatives
             if msg.is_final:
                 commit = self.ledger.coverage(msg.start, msg.duration)
                 if commit is None:
                     return
-                alts = msg.channel.alternatives
                 has_words = bool(alts and alts[0].transcript)
                 event = self.events.transcript(msg, commit) if has_words else None
                 await self._commit(commit, event)
-            elif msg.channel.alternatives and msg.channel.alternatives[0].transcript:
+            elif alts and alts[0].transcript:
                 await self._publish(self.events.transcript(msg, None))
-        elif isinstance(msg, ListenV1SpeechStarted):
+        elif isinstance(msg, dm.SpeechStarted):
             await self._publish(self.events.speech_started(msg, self.request_id))
-        elif isinstance(msg, ListenV1UtteranceEnd):
+        elif isinstance(msg, dm.UtteranceEnd):
             await self._publish(self.events.utterance_end(msg, self.request_id))
-        elif isinstance(msg, ListenV1Metadata):
+        elif isinstance(msg, dm.Metadata):
             self.log.debug("deepgram metadata", request_id=msg.request_id, duration=msg.duration)
-        elif isinstance(msg, ListenV1Error):
+        else:
             self.log.warning("deepgram error message", variant=msg.variant, description=msg.description)
 
     async def _commit(self, commit: Commit, event: dict[str, Any] | None) -> None:
@@ -464,6 +464,21 @@ class SessionRunner:
                     "redis unavailable, retrying", error=type(exc).__name__, retry_in=round(delay, 2)
                 )
                 await asyncio.sleep(delay)
+
+
+async def _raw_messages(conn: Any) -> AsyncIterator[str | bytes]:
+    """The connection's text messages, undecoded: deepgram_messages decodes them ~10x cheaper
+    than the SDK's union parsing. Falls back to the SDK's own iteration (re-serialised) should
+    its socket attribute ever move."""
+    websocket = getattr(conn, "_websocket", None)
+    if websocket is not None:
+        async for raw in websocket:
+            if isinstance(raw, str):
+                yield raw
+        return
+    async for message in conn:
+        if not isinstance(message, bytes | dict):
+            yield message.json()
 
 
 class _SessionBroken(Exception):

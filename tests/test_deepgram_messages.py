@@ -1,0 +1,102 @@
+"""The lean decoder reads every Deepgram message exactly as the SDK's own models do."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from deepgram.core.unchecked_base_model import construct_type
+from deepgram.listen.v1.socket_client import V1SocketClientResponse
+
+from worker import deepgram_messages as dm
+
+RESULTS: dict[str, Any] = {
+    "type": "Results",
+    "channel_index": [0, 1],
+    "duration": 1.04,
+    "start": 2.5,
+    "is_final": True,
+    "speech_final": True,
+    "from_finalize": False,
+    "channel": {
+        "alternatives": [
+            {
+                "transcript": "Hello world.",
+                "confidence": 0.98,
+                "words": [
+                    {
+                        "word": "hello",
+                        "start": 2.6,
+                        "end": 2.9,
+                        "confidence": 0.99,
+                        "punctuated_word": "Hello",
+                        "speaker": 0,
+                    },
+                    {
+                        "word": "world",
+                        "start": 3.0,
+                        "end": 3.4,
+                        "confidence": 0.97,
+                        "punctuated_word": "world.",
+                    },
+                ],
+            }
+        ]
+    },
+    "metadata": {
+        "request_id": "r-1",
+        "model_info": {"name": "n", "version": "v", "arch": "a"},
+        "model_uuid": "u",
+    },
+}
+MESSAGES = [
+    RESULTS,
+    {
+        **RESULTS,
+        "is_final": False,
+        "speech_final": False,
+        "channel": {"alternatives": [{"transcript": "", "confidence": 0.0, "words": []}]},
+    },
+    {"type": "SpeechStarted", "channel": [0], "timestamp": 1.25},
+    {"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": 3.4},
+    {
+        "type": "Metadata",
+        "transaction_key": "deprecated",
+        "request_id": "r-1",
+        "sha256": "x",
+        "created": "2026-01-01T00:00:00.000Z",
+        "duration": 4.2,
+        "channels": 1,
+    },
+    {"type": "Error", "variant": "SchemaError", "description": "bad", "message": "m"},
+]
+
+
+def same(lean: Any, sdk: Any) -> None:
+    """Every field the lean class has reads the same on the SDK's model."""
+    for name in lean.__slots__:
+        a, b = getattr(lean, name), getattr(sdk, name)
+        if isinstance(a, list):
+            assert len(a) == len(b), name
+            for x, y in zip(a, b, strict=True):
+                same(x, y)
+        elif hasattr(a, "__slots__"):
+            same(a, b)
+        else:
+            assert a == b, (name, a, b)
+
+
+@pytest.mark.parametrize("message", MESSAGES, ids=lambda m: m["type"])
+def test_lean_decoding_matches_the_sdk(message: dict[str, Any]) -> None:
+    raw = json.dumps(message)
+    sdk = construct_type(type_=V1SocketClientResponse, object_=json.loads(raw))
+    same(dm.decode(raw), sdk)
+
+
+@pytest.mark.parametrize(
+    "raw", ["not json", '{"no": "type"}', '{"type": "Brand new"}', '{"type": "Results"}']
+)
+def test_unknown_or_malformed_messages_are_refused(raw: str) -> None:
+    with pytest.raises(dm.UnknownMessage):
+        dm.decode(raw)

@@ -1,0 +1,141 @@
+"""Deepgram's server messages, decoded lean.
+
+The SDK decodes each message by trying its pydantic models one after another (an undiscriminated
+union): about 145 µs for a Results message of 25 words, the largest single cost of a worker per
+frame (see BENCHMARKS.md). Deepgram tags every message with `type`, so this module dispatches on
+it and builds small slotted dataclasses with the same field names as the SDK's models
+(`ListenV1Results` and friends): about 10× cheaper. tests/test_deepgram_messages.py checks that
+both decode every message the same way. The connection itself stays the SDK's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    word: str
+    start: float
+    end: float
+    confidence: float
+    punctuated_word: str | None = None
+    speaker: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Alternative:
+    transcript: str
+    confidence: float
+    words: list[Word]
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    alternatives: list[Alternative]
+
+
+@dataclass(frozen=True, slots=True)
+class ResultsMetadata:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Results:
+    start: float
+    duration: float
+    is_final: bool | None
+    speech_final: bool | None
+    from_finalize: bool | None
+    channel: Channel
+    metadata: ResultsMetadata | None
+
+
+@dataclass(frozen=True, slots=True)
+class Metadata:
+    request_id: str
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
+class UtteranceEnd:
+    last_word_end: float
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorMessage:
+    variant: str
+    description: str
+
+
+Message = Results | Metadata | SpeechStarted | UtteranceEnd | ErrorMessage
+
+
+class UnknownMessage(ValueError):
+    """Not JSON, or a type this worker does not know (newer Deepgram): logged and skipped."""
+
+
+def decode(raw: str | bytes) -> Message:
+    try:
+        data = json.loads(raw)
+        kind = data["type"]
+    except (ValueError, TypeError, KeyError):
+        raise UnknownMessage("not a Deepgram message") from None
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise UnknownMessage(f"unknown message type {kind!r}")
+    try:
+        return decoder(data)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise UnknownMessage(f"malformed {kind} message: {type(exc).__name__} {exc}") from None
+
+
+def _results(d: dict[str, Any]) -> Results:
+    alternatives = [
+        Alternative(
+            a["transcript"],
+            float(a["confidence"]),
+            [
+                Word(
+                    w["word"],
+                    w["start"],
+                    w["end"],
+                    w["confidence"],
+                    w.get("punctuated_word"),
+                    w.get("speaker"),
+                )
+                for w in a["words"]
+            ],
+        )
+        for a in d["channel"]["alternatives"]
+    ]
+    meta = d.get("metadata")
+    return Results(
+        float(d["start"]),
+        float(d["duration"]),
+        d.get("is_final"),
+        d.get("speech_final"),
+        d.get("from_finalize"),
+        Channel(alternatives),
+        ResultsMetadata(meta["request_id"]) if meta else None,
+    )
+
+
+def _word(w: dict[str, Any]) -> Word:
+    return Word(w["word"], w["start"], w["end"], w["confidence"], w.get("punctuated_word"), w.get("speaker"))
+
+
+_DECODERS = {
+    "Results": _results,
+    "Metadata": lambda d: Metadata(d["request_id"], float(d["duration"])),
+    "SpeechStarted": lambda d: SpeechStarted(float(d["timestamp"])),
+    "UtteranceEnd": lambda d: UtteranceEnd(float(d["last_word_end"])),
+    "Error": lambda d: ErrorMessage(str(d.get("variant", "")), str(d.get("description", ""))),
+}
