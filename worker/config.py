@@ -67,7 +67,7 @@ class Settings(BaseSettings):
 
     read_count: int = Field(64, ge=1, le=10_000, description="XREAD COUNT per stream")
     read_interval_ms: float = Field(
-        5.0, ge=0, le=100, description="at most one audio read per interval, so each read carries more"
+        10.0, ge=0, le=100, description="at most one audio read per interval, so each read carries more"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
