@@ -78,6 +78,21 @@ class Stack:
         self.workers[name] = proc
         return proc
 
+    async def wait_workers_ready(self, count: int, timeout: float = 20) -> None:
+        """Until `count` workers are blocked waiting for new sessions (XREADGROUP on the sessions
+        stream; Redis lists a consumer only once it has been given an entry, so ask CLIENT LIST)."""
+        redis = self.client()
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                clients = await redis.client_list()
+                if sum(1 for c in clients if c.get("cmd") == "xreadgroup") >= count:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"{count} workers did not start within {timeout} s")
+        finally:
+            await redis.aclose()
+
     def worker_log(self, name: str) -> str:
         return (self.tmp / f"worker-{name}.log").read_text(errors="replace")
 

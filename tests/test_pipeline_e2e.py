@@ -22,6 +22,7 @@ async def test_twenty_sessions_across_two_workers(tmp_path: Path) -> None:
     try:
         stack.start_worker("w1")
         stack.start_worker("w2")
+        await stack.wait_workers_ready(2)
         rng = random.Random(2)
         sessions = {f"e2e-{i}": rng.randint(150, 500) for i in range(20)}  # 3-10 s each
         redis = stack.client()
@@ -36,12 +37,9 @@ async def test_twenty_sessions_across_two_workers(tmp_path: Path) -> None:
         for sid, frames in sessions.items():
             assert_perfect(await check_marker_session(redis, stack.keys, sid, frames), frames)
         assert await sessions_pending(redis, stack.keys) == 0
-        owners = {(await redis.hget(stack.keys.session(sid).state, "claimed_by")) for sid in sessions}
         await redis.aclose()
         logs = stack.worker_log("w1") + stack.worker_log("w2")
-        assert "session claimed" in stack.worker_log("w1") and "session claimed" in stack.worker_log("w2"), (
-            owners
-        )
+        assert "session claimed" in stack.worker_log("w1") and "session claimed" in stack.worker_log("w2")
         assert "Traceback" not in logs
     finally:
         stack.stop()

@@ -240,6 +240,27 @@ class Bench:
         result.cpu_us_per_frame = {"direct": 1e6 * sent["cpu_s"] / max(1, sent["frames"])}
         return result
 
+    async def pacing(self, sessions: int, seconds: float) -> float:
+        """CPU µs per frame of the simulated backend's pacing alone (common to both patterns)."""
+        out = self.tmp / "pacing.json"
+        proc = await asyncio.create_subprocess_exec(
+            PY,
+            "-m",
+            "ops.bench.loads",
+            "pacing",
+            "--sessions",
+            str(sessions),
+            "--seconds",
+            str(seconds),
+            "--out",
+            str(out),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        await proc.wait()
+        result = json.loads(out.read_text())
+        return 1e6 * result["cpu_s"] / max(1, result["frames"])
+
     async def _wait_sessions_ended(self, sessions: int, tag: str, limit_s: float) -> None:
         client = aioredis.Redis.from_url(self.redis.url)
         keys = p.Keys()
@@ -343,7 +364,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def print_table(pipe: PhaseResult, direct: PhaseResult, idle_pct: float) -> list[tuple[str, str, str]]:
+def print_table(
+    pipe: PhaseResult, direct: PhaseResult, idle_pct: float, pacing_us: float
+) -> list[tuple[str, str, str]]:
     w = pipe.cpu_us_per_frame["worker"]
     pr = pipe.cpu_us_per_frame["producer"]
     d = direct.cpu_us_per_frame["direct"]
@@ -368,6 +391,8 @@ def print_table(pipe: PhaseResult, direct: PhaseResult, idle_pct: float) -> list
         ("CPU µs per frame", f"worker {w:.1f}, producer {pr:.1f}", f"{d:.1f}"),
         ("worker ÷ direct CPU per frame", f"{w / d:.2f}", "1.00"),
         ("producer ÷ direct CPU per frame", f"{pr / d:.2f}", "1.00"),
+        ("  of which the simulated backend's pacing (µs)", f"{pacing_us:.1f}", f"{pacing_us:.1f}"),
+        ("producer ÷ direct, net of that pacing", f"{(pr - pacing_us) / (d - pacing_us):.2f}", "1.00"),
         ("Redis round trips per produced frame", f"{pipe.round_trips_per_frame:.3f}", "—"),
         ("worker RSS per session (KiB)", f"{pipe.worker_rss_per_session_kib:.0f}", "—"),
         ("backlog at end of window (frames)", str(pipe.backlog_at_stop), "—"),
@@ -426,12 +451,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pipe = await bench.pipeline(args.sessions, args.seconds, tag="main")
             bench.stop_worker()  # the direct phase shares the machine with the emulator only
             direct = await bench.direct(args.sessions, args.seconds)
+            pacing_us = await bench.pacing(args.sessions, min(args.seconds, 10.0))
             report["pipeline"], report["direct"] = asdict(pipe), asdict(direct)
+            report["pacing_us_per_frame"] = pacing_us
             report["ratios"] = {
                 "worker_vs_direct": pipe.cpu_us_per_frame["worker"] / direct.cpu_us_per_frame["direct"],
                 "producer_vs_direct": pipe.cpu_us_per_frame["producer"] / direct.cpu_us_per_frame["direct"],
             }
-            report["table"] = print_table(pipe, direct, idle)
+            report["ratios"]["producer_vs_direct_net_of_pacing"] = (
+                pipe.cpu_us_per_frame["producer"] - pacing_us
+            ) / (direct.cpu_us_per_frame["direct"] - pacing_us)
+            report["table"] = print_table(pipe, direct, idle, pacing_us)
     finally:
         bench.stop_worker()
         bench.stop()

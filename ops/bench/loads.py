@@ -157,9 +157,31 @@ async def run_direct(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def run_pacing(args: argparse.Namespace) -> dict[str, Any]:
+    """The simulated backend alone: the same per-session timers, sending nothing. Its CPU is what
+    both patterns pay for pacing, so it can be taken out to compare what each does per frame."""
+    rng = random.Random(1)
+    start = time.monotonic() + 0.2
+    announce("START")
+    cpu0, t0 = cpu_seconds(), time.monotonic()
+
+    async def nothing(n: int) -> None:
+        marker_frame(n, time.time_ns())
+
+    counts = await asyncio.gather(
+        *(
+            paced_frames(args.seconds, start, rng.uniform(0, PHASE_SPREAD_S), nothing)
+            for _ in range(args.sessions)
+        )
+    )
+    cpu1, t1 = cpu_seconds(), time.monotonic()
+    announce("STOP")
+    return {"frames": sum(counts), "cpu_s": cpu1 - cpu0, "wall_s": t1 - t0, "on_time": 1.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m ops.bench.loads")
-    parser.add_argument("mode", choices=["producer", "direct"])
+    parser.add_argument("mode", choices=["producer", "direct", "pacing"])
     parser.add_argument("--sessions", type=int, required=True)
     parser.add_argument("--seconds", type=float, required=True)
     parser.add_argument("--redis-url")
@@ -167,7 +189,7 @@ def main() -> None:
     parser.add_argument("--tag", default="0")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    runner = run_producer if args.mode == "producer" else run_direct
+    runner = {"producer": run_producer, "direct": run_direct, "pacing": run_pacing}[args.mode]
     # The same collector settings as `voxqueue worker`, for both patterns alike.
     tune_gc()
     result = uvloop.run(runner(args))
