@@ -13,6 +13,8 @@ from typing import Final
 from deepgram.core.api_error import ApiError
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from worker.store import StaleCommitPoint
+
 # Handshake statuses that will not get better by retrying.
 FATAL_STATUSES: Final = frozenset({400, 401, 402, 403, 404, 405, 413, 414})
 # Close codes that mean the audio or the request is wrong, not the network.
@@ -59,6 +61,8 @@ def classify(exc: BaseException) -> Failure:
         return Failure(False, "stalled", str(exc))
     if isinstance(exc, UnexpectedClose):
         return Failure(False, "closed_early", str(exc))
+    if isinstance(exc, StaleCommitPoint):
+        return Failure(False, "stale_commit_point", "commit point moved on in Redis: replaying from there")
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
         return Failure(False, "timeout", "timed out talking to Deepgram")
     if isinstance(exc, InvalidHandshake):

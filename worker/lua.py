@@ -13,8 +13,14 @@ from __future__ import annotations
 from typing import Final
 
 # KEYS: state. ARGV: owner, max_takeovers, now_ms, sessions_entry_id
-# Returns {status, epoch, committed_seq, committed_id, frames, finals, takeovers}
+# Returns {status, epoch, committed_seq, committed_id, frames, finals, takeovers}; status is ok,
+# done (already ended), poison (crash loop) or duplicate (another entry owns this sid)
 ACQUIRE: Final = """
+local start_id = redis.call('HGET', KEYS[1], 'start_id')
+if start_id and start_id ~= ARGV[4] then
+  -- A second sessions entry for the same sid (a producer retried its XADD): not a new owner.
+  return {'duplicate', 0, -1, '0-0', 0, 0, 0}
+end
 local status = redis.call('HGET', KEYS[1], 'status')
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 if status == 'ended' or status == 'failed' then
@@ -42,15 +48,18 @@ return {'ok', epoch,
 """
 
 # KEYS: state, session results, partition results
-# ARGV: epoch, seq_to, last_id ('' = none), maxlen, publish ('1'/'0'), type, sid, text, e
+# ARGV: epoch, seq_to, last_id ('' = none), maxlen, publish ('1'/'0'), type, sid, text, e, seq_from
 # Publishes a final and acknowledges the frames it covers (moves the commit point) in one step.
 # Idempotent: a retry after an ambiguous failure (connection lost after sending) sees
-# committed_seq >= seq_to and does nothing.
+# committed_seq >= seq_to and does nothing. A final that does not start right after the commit
+# point ('stale': the caller's idea of the commit point is behind Redis, e.g. a commit whose reply
+# it never saw) is refused: publishing it would repeat words; the caller re-reads and replays.
 COMMIT: Final = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1')
 local seq_to = tonumber(ARGV[2])
 if committed >= seq_to then return 'dup' end
+if committed ~= tonumber(ARGV[10]) - 1 then return 'stale' end
 if ARGV[5] == '1' then
   local fields = {'type', ARGV[6], 'sid', ARGV[7], 'text', ARGV[8], 'e', ARGV[9]}
   redis.call('XADD', KEYS[2], '*', unpack(fields))

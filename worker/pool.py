@@ -32,6 +32,8 @@ from worker.store import TRANSIENT_REDIS_ERRORS, Fenced, SessionStore, connect_r
 
 log = structlog.get_logger("voxqueue.worker")
 
+AUTOCLAIM_PAGES_PER_SCAN = 20  # bounds one scan's work; the cursor carries on at the next one
+
 
 @dataclass(slots=True)
 class Owned:
@@ -65,6 +67,7 @@ class WorkerPool:
         self.link = DeepgramLink(settings.deepgram_url, settings.api_key(), settings.connect_timeout)
         self.ctx = WorkerContext(settings, self.store, self.reader, self.link, self.consumer)
         self.owned: dict[str, Owned] = {}
+        self._autoclaim_cursor: dict[str, bytes] = {}
         self.claiming = True
         self.stop_requested = asyncio.Event()
         self.hard_stop = asyncio.Event()
@@ -183,7 +186,7 @@ class WorkerPool:
             backoff.reset()
             for key, entries in reply or []:
                 for entry_id, fields in entries:
-                    await self._start_session(key.decode(), entry_id, fields, how="new")
+                    await self._start_session_safely(key.decode(), entry_id, fields, how="new")
 
     async def _take_over_expired(self) -> None:
         """Sessions whose owner stopped renewing (crashed, frozen, released on drain)."""
@@ -200,14 +203,30 @@ class WorkerPool:
                     await self._pause_after(backoff, exc)
                     break
                 for entry_id, fields in entries:
-                    await self._start_session(key, entry_id, fields, how="takeover")
+                    await self._start_session_safely(key, entry_id, fields, how="takeover")
 
     async def _autoclaim(self, key: str, min_idle: int, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        """Expired leases of one sessions stream: scans the whole pending list, a page per call
+        (XAUTOCLAIM looks at about COUNT × 10 entries), carrying its cursor between calls so
+        expired entries behind many live ones are found too."""
+        out: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for _ in range(AUTOCLAIM_PAGES_PER_SCAN):
+            cursor = self._autoclaim_cursor.get(key, b"0-0")
+            page = await self._autoclaim_page(key, min_idle, count - len(out), cursor)
+            out += page
+            if len(out) >= count or self._autoclaim_cursor.get(key, b"0-0") in (b"0-0", "0-0"):
+                break
+        return out
+
+    async def _autoclaim_page(
+        self, key: str, min_idle: int, count: int, cursor: bytes
+    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
         # Raw command: the reply has 2 elements on Redis 6.2 and 3 on 7.x (deleted ids); read only
-        # the claimed entries, which come second in both.
+        # the cursor and the claimed entries, which come first and second in both.
         reply = await self.redis.execute_command(
-            "XAUTOCLAIM", key, p.WORKERS_GROUP, self.consumer, min_idle, "0-0", "COUNT", count
+            "XAUTOCLAIM", key, p.WORKERS_GROUP, self.consumer, min_idle, cursor, "COUNT", max(1, count)
         )
+        self._autoclaim_cursor[key] = reply[0] if reply else b"0-0"
         claimed = reply[1] if reply and len(reply) >= 2 else []
         out = []
         for item in claimed:
@@ -221,6 +240,20 @@ class WorkerPool:
             out.append((entry_id, fields))
         return out
 
+    async def _start_session_safely(
+        self, sessions_key: str, entry_id: bytes, raw: dict[bytes, bytes], how: str
+    ) -> None:
+        """One entry's trouble must not cost the rest of a claimed batch: an entry left pending
+        here is simply taken over (by us or another worker) once its lease runs out."""
+        try:
+            await self._start_session(sessions_key, entry_id, raw, how)
+        except TRANSIENT_REDIS_ERRORS as exc:
+            self.log.warning(
+                "could not start a claimed session; its lease will expire and it will be retried",
+                entry=entry_id.decode(),
+                error=type(exc).__name__,
+            )
+
     async def _start_session(
         self, sessions_key: str, entry_id: bytes, raw: dict[bytes, bytes], how: str
     ) -> None:
@@ -229,8 +262,11 @@ class WorkerPool:
         except p.ProtocolError as exc:
             await self._reject_session(sessions_key, entry_id, raw, exc)
             return
-        if start.sid in self.owned:
-            return  # our own lease, re-delivered: we are running it already
+        owned = self.owned.get(start.sid)
+        if owned is not None:
+            if owned.entry_id != entry_id:  # a duplicate entry for a session we run: retire it
+                await self.store.ack_session_entry(sessions_key, entry_id)
+            return  # else our own lease, re-delivered: we are running it already
         sk = self.keys.session(start.sid)
         if sk.sessions != sessions_key:
             exc = p.ProtocolError("wrong_partition", f"session {start.sid} belongs in {sk.sessions}")
@@ -243,7 +279,9 @@ class WorkerPool:
                 "could not acquire session; it will be retried", sid=start.sid, error=type(exc).__name__
             )
             return
-        if acquired.status == "done":
+        if acquired.status in ("done", "duplicate"):
+            if acquired.status == "duplicate":
+                self.log.info("duplicate session entry acknowledged", sid=start.sid, entry=entry_id.decode())
             await self.store.ack_session_entry(sessions_key, entry_id)
             return
         runner = SessionRunner(self.ctx, start, entry_id, acquired)
@@ -303,7 +341,9 @@ class WorkerPool:
         try:
             p.validate_sid(sid)
             sk = self.keys.session(sid)
-            if sk.partition == partition:
+            # Tell the producer through the session's results, unless a session of that id exists:
+            # a bad entry must never write into a live session it merely names.
+            if sk.partition == partition and not await self.redis.exists(sk.state):
                 for event in (
                     standalone_event(sid, p.ERROR, exc.code, code=exc.code, message=str(exc), fatal=True),
                     standalone_event(
@@ -376,8 +416,11 @@ class WorkerPool:
                     "drain deadline passed: handing over unfinished sessions", sessions=len(late)
                 )
                 await self._hand_over(late)
-            for _, owned in list(self.owned.items()):
-                owned.task.cancel()
+            left = [owned.task for owned in self.owned.values()]
+            for task in left:
+                task.cancel()
+            if left:
+                await asyncio.wait(left, timeout=5)
 
     async def _hand_over(self, sessions: list[tuple[str, Owned]]) -> int:
         """Stops the sessions (closing their Deepgram links) and releases their leases."""

@@ -85,9 +85,11 @@ class SessionRunner:
         self.closed_normally = False
         self.last_read_id = self.ledger.committed_id
         self.next_send_at = 0.0
-        self.inline_conn: Any = None
-        self.inline_end = False
+        # Inline sending (send_inline): the connection the session is parked on, if it is.
+        self.parked_conn: Any = None
+        self.inline_busy = False
         self.inline_error: BaseException | None = None
+        self.generation = 0  # one per Deepgram connection
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -118,11 +120,17 @@ class SessionRunner:
         backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         attempts = 0
         while True:
+            # Redis is the authority on the commit point: a commit whose reply was lost (the
+            # connection died, the receiver was cancelled) may have moved it past ours.
+            seq, entry = await self._retry_redis(lambda: self.ctx.store.commit_point(self.keys, self.epoch))
+            if seq > self.ledger.committed_seq:
+                self.ledger.committed_seq, self.ledger.committed_id = seq, entry
             self.ledger.rewind()
             self.ctx.reader.unfollow(self.keys.audio)
             self.inbox.reset()
             self.last_read_id = self.ledger.committed_id
-            self.inline_end, self.inline_error, self.inline_conn = False, None, None
+            self.generation += 1
+            self.inline_error, self.parked_conn = None, None
             self.replies = 0
             try:
                 async with self.ctx.link.connect(self.options, self.fmt) as conn:
@@ -196,8 +204,6 @@ class SessionRunner:
             if self.inline_error is not None:
                 error, self.inline_error = self.inline_error, None
                 raise error
-            if self.inline_end:
-                return p.END_COMPLETED
             if receiver.done():
                 exc = receiver.exception()
                 raise exc if exc else UnexpectedClose("Deepgram closed the stream before it was asked to")
@@ -219,14 +225,14 @@ class SessionRunner:
             now = loop.time()
             idle_left = self.settings.idle_timeout - (time.monotonic() - self.last_input_at)
             # While parked here the reader may send this session's frames itself (send_inline).
-            self.inline_conn = conn if not send_interval else None
+            self.parked_conn = conn if not send_interval else None
             try:
                 async with asyncio.timeout(min(self.clock.next_check_in(now), max(idle_left, 0.01))):
                     await self.inbox.event.wait()
             except TimeoutError:
                 pass
             finally:
-                self.inline_conn = None
+                self.parked_conn = None
             self.inbox.event.clear()
             now = loop.time()
             if self.clock.stalled(now):
@@ -242,28 +248,54 @@ class SessionRunner:
 
     async def send_inline(self, entries: list[Entry]) -> bool:
         """Called by the audio reader with fresh entries: sends them from the reader's own task when
-        this session is parked waiting for audio, so a live frame costs no task switch. Declines
-        (False: the entries go to the inbox instead) whenever sending could wait: backpressure on
-        the socket, catch-up pacing, or entries already queued."""
-        conn = self.inline_conn
-        if conn is None or self.inbox.entries or self.inbox.overflowed:
+        this session is parked waiting for audio, so a live frame costs no task switch.
+
+        Only the plain case is taken: well-formed frames continuing exactly where the ledger is,
+        a socket with no backlog, no catch-up pacing due. Anything else (end marker, bad entry,
+        gap, duplicate) is declined (False) and goes to the inbox for the session task. All
+        bookkeeping happens before the one await (the send), so a reconnect of the session can
+        never be overtaken by it; after the await only this connection's generation may be told
+        about a failure.
+        """
+        conn = self.parked_conn
+        if conn is None or self.inline_busy or self.inbox.entries or self.inbox.overflowed:
             return False
         transport = getattr(getattr(conn, "_websocket", None), "transport", None)
         if transport is None or transport.get_write_buffer_size() > INLINE_MAX_BUFFERED:
             return False
-        loop = asyncio.get_running_loop()
-        if self.pacer.delay(len(entries) * self.fmt.frame_seconds, loop.time()) > 0:
+        frame_bytes = self.frame_bytes
+        seq = self.ledger.next_seq
+        frames: list[bytes] = []
+        for _, fields in entries:
+            pcm = fields.get(b"pcm")
+            if (
+                len(fields) != 2
+                or pcm is None
+                or len(pcm) != frame_bytes
+                or fields.get(b"seq") != b"%d" % seq
+            ):
+                return False
+            frames.append(pcm)
+            seq += 1
+        if seq * self.fmt.frame_seconds > self.settings.max_session_seconds:
             return False
-        self.inline_conn = None  # no re-entry while this send is in progress
+        loop = asyncio.get_running_loop()
+        if self.pacer.delay(len(frames) * self.fmt.frame_seconds, loop.time()) > 0:
+            return False
+        for (entry_id, _), _pcm in zip(entries, frames, strict=True):
+            self.ledger.record_sent(self.ledger.next_seq, entry_id)
+        self.last_read_id = entries[-1][0]
+        self.last_input_at = time.monotonic()
+        generation = self.generation
+        self.inline_busy = True
         try:
-            self.inline_end = await self._process(conn, entries)
+            await self._flush(conn, frames)
         except Exception as exc:
-            self.inline_error = exc
+            if generation == self.generation:
+                self.inline_error = exc
+                self.inbox.wake()
         finally:
-            if not self.inline_end and self.inline_error is None:
-                self.inline_conn = conn
-        if self.inline_end or self.inline_error is not None:
-            self.inbox.wake()
+            self.inline_busy = False
         return True
 
     async def _catch_up(self, conn: Any) -> bool:
@@ -332,7 +364,10 @@ class SessionRunner:
                 await asyncio.sleep(delay)
             await conn.send_media(chunk[0] if len(chunk) == 1 else b"".join(chunk))
             self.pacer.sent(seconds)
-            self.clock.audio_sent(loop.time())
+            now = loop.time()
+            self.clock.audio_sent(now)
+            if self.clock.stalled(now):  # a long catch-up into a half-open socket never parks
+                raise StalledConnection(f"no reply from Deepgram for {self.settings.stall_seconds:g} s")
         METRICS.frames_sent.inc(len(frames))
 
     async def _fill_gap(self, conn: Any, missing: int, seq: int, entry_id: bytes) -> bool:

@@ -20,6 +20,11 @@ from worker.ledger import Commit
 TRANSIENT_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
+class StaleCommitPoint(Exception):
+    """Our commit point is behind Redis's (a commit applied whose reply we lost): replay from
+    Redis's instead of publishing words again."""
+
+
 class Fenced(Exception):
     """This worker no longer owns the session: another took it over (or it was released)."""
 
@@ -107,11 +112,21 @@ class SessionStore:
             fields[p.R_SID],
             fields[p.R_TEXT],
             fields[p.R_EVENT],
+            commit.seq_from,
         ]
         result = _s(await self._commit(keys=[sk.state, sk.results, sk.partition_results], args=args))
         if result == "fenced":
             raise Fenced(sk.sid)
+        if result == "stale":
+            raise StaleCommitPoint(sk.sid)
         return result
+
+    async def commit_point(self, sk: p.SessionKeys, epoch: int) -> tuple[int, bytes]:
+        """The session's commit point as Redis has it (fenced: raises if the session moved on)."""
+        epoch_now, seq, entry = await self.redis.hmget(sk.state, ["epoch", "committed_seq", "committed_id"])
+        if epoch_now is None or int(epoch_now) != epoch:
+            raise Fenced(sk.sid)
+        return int(seq or -1), entry or b"0-0"
 
     async def publish(self, sk: p.SessionKeys, epoch: int, event: dict[str, Any], once: str = "") -> str:
         fields = p.encode_event(event)
