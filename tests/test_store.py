@@ -16,7 +16,7 @@ from worker.events import standalone_event
 from worker.ledger import Commit
 from worker.pool import WorkerPool
 from worker.redis_server import RedisServer
-from worker.store import Fenced, SessionStore
+from worker.store import Fenced, SessionStore, StaleCommitPoint
 
 KEYS = p.Keys()
 
@@ -133,3 +133,25 @@ async def test_autoclaim_parsing_in_the_pool(redis: aioredis.Redis) -> None:
     finally:
         for client in (pool.redis, pool.claim_redis, pool.read_redis):
             await client.aclose()
+
+
+async def test_commit_refuses_a_final_behind_the_commit_point(redis: aioredis.Redis) -> None:
+    store, sk = store_for(redis), KEYS.session("stale")
+    entry = await start_session(redis, "stale")
+    await store.acquire(sk, "w1", 5, entry)
+    await store.commit(sk, 1, Commit(0, 24, b"1-24"), final("stale", 0, 24))
+    # A runner that never saw that reply would replay from 0: its next final must not publish.
+    with pytest.raises(StaleCommitPoint):
+        await store.commit(sk, 1, Commit(0, 49, b"1-49"), final("stale", 0, 49))
+    assert await store.commit_point(sk, 1) == (24, b"1-24")
+    assert await redis.xlen(sk.results) == 1
+
+
+async def test_a_duplicate_sessions_entry_does_not_fence_the_owner(redis: aioredis.Redis) -> None:
+    store, sk = store_for(redis), KEYS.session("twice")
+    first = await start_session(redis, "twice")
+    second = await redis.xadd(KEYS.sessions(0), p.SessionStart("twice").to_fields())  # a retried XADD
+    assert (await store.acquire(sk, "w1", 5, first)).status == "ok"
+    again = await store.acquire(sk, "w2", 5, second)
+    assert again.status == "duplicate"
+    assert await redis.hget(sk.state, "epoch") == b"1" and await redis.hget(sk.state, "owner") == b"w1"
