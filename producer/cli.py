@@ -325,16 +325,18 @@ async def _follow(redis: aioredis.Redis, keys: Keys, sid: str, view: TranscriptV
 
 # ------------------------------------------------------------------------------- commands
 
-
-@click.command("produce")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
+speed_option = click.option(
     "--speed",
     type=click.FloatRange(min=0),
     default=1.0,
     show_default=True,
     help="Times real time; 0 = as fast as Redis takes it.",
 )
+
+
+@click.command("produce")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@speed_option
 @click.option("--session", "sid", help="Session id (default: a new random id).")
 @click.option(
     "--option",
@@ -401,13 +403,7 @@ async def _produce(
 
 @click.command("replay")
 @click.argument("old_sid", metavar="SESSION")
-@click.option(
-    "--speed",
-    type=click.FloatRange(min=0),
-    default=1.0,
-    show_default=True,
-    help="Times real time; 0 = as fast as Redis takes it.",
-)
+@speed_option
 @click.option("--session", "sid", help="Id of the new session (default: a new random id).")
 @click.option(
     "--option",

@@ -157,10 +157,7 @@ class Bench:
         reader = FinalsReader(self.redis.url)
         reader_task = asyncio.create_task(reader.run())
         out = self.tmp / f"producer-{tag}.json"
-        proc = await asyncio.create_subprocess_exec(
-            PY,
-            "-m",
-            "ops.bench.loads",
+        proc = await start_load(
             "producer",
             "--redis-url",
             self.redis.url,
@@ -170,10 +167,7 @@ class Bench:
             str(seconds),
             "--tag",
             tag,
-            "--out",
-            str(out),
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
+            out=out,
         )
         assert proc.stdout is not None
         await _expect(proc.stdout, "START")
@@ -210,10 +204,7 @@ class Bench:
         result = PhaseResult("direct", sessions, seconds)
         self.emulator_get("/_emulator/stats?reset=1")
         out = self.tmp / "direct.json"
-        proc = await asyncio.create_subprocess_exec(
-            PY,
-            "-m",
-            "ops.bench.loads",
+        proc = await start_load(
             "direct",
             "--deepgram-url",
             self.ws_url,
@@ -221,10 +212,7 @@ class Bench:
             str(sessions),
             "--seconds",
             str(seconds),
-            "--out",
-            str(out),
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
+            out=out,
         )
         assert proc.stdout is not None
         await _expect(proc.stdout, "START")
@@ -243,18 +231,13 @@ class Bench:
     async def pacing(self, sessions: int, seconds: float) -> float:
         """CPU µs per frame of the simulated backend's pacing alone (common to both patterns)."""
         out = self.tmp / "pacing.json"
-        proc = await asyncio.create_subprocess_exec(
-            PY,
-            "-m",
-            "ops.bench.loads",
+        proc = await start_load(
             "pacing",
             "--sessions",
             str(sessions),
             "--seconds",
             str(seconds),
-            "--out",
-            str(out),
-            cwd=ROOT,
+            out=out,
             stdout=asyncio.subprocess.DEVNULL,
         )
         await proc.wait()
@@ -280,6 +263,13 @@ class Bench:
                 print(f"warning: {len(pending)} sessions did not end in time", file=sys.stderr)
         finally:
             await client.aclose()
+
+
+async def start_load(mode: str, *args: str, out: Path, stdout: int | None = asyncio.subprocess.PIPE) -> Any:
+    """One load generator of ops/bench/loads.py as a child process."""
+    return await asyncio.create_subprocess_exec(
+        PY, "-m", "ops.bench.loads", mode, *args, "--out", str(out), cwd=ROOT, stdout=stdout
+    )
 
 
 class FinalsReader:
