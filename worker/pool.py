@@ -269,8 +269,8 @@ class WorkerPool:
             return  # else our own lease, re-delivered: we are running it already
         sk = self.keys.session(start.sid)
         if sk.sessions != sessions_key:
-            exc = p.ProtocolError("wrong_partition", f"session {start.sid} belongs in {sk.sessions}")
-            await self._reject_session(sessions_key, entry_id, raw, exc)
+            misplaced = p.ProtocolError("wrong_partition", f"session {start.sid} belongs in {sk.sessions}")
+            await self._reject_session(sessions_key, entry_id, raw, misplaced)
             return
         try:
             acquired = await self.store.acquire(sk, self.consumer, self.settings.max_takeovers, entry_id)
