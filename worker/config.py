@@ -126,9 +126,12 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"]) or "settings"
-            env = f"VOXQUEUE_{name.upper()}" if name != "deepgram_api_key" else "DEEPGRAM_API_KEY"
+            name = ".".join(str(p) for p in err["loc"])
             # Never echo the rejected input: it may be a secret.
+            if not name:  # a rule across several settings: its message names them
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
+            env = f"VOXQUEUE_{name.upper()}" if name != "deepgram_api_key" else "DEEPGRAM_API_KEY"
             problems.append(f"{name} ({env}): {err['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
     if settings.uses_real_deepgram and not settings.api_key():
