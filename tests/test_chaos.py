@@ -119,6 +119,19 @@ async def test_kill_nine_two_workers_mid_stream(tmp_path: Path) -> None:
         stack.stop()
 
 
+async def redis_dump(stack: Stack) -> list[object]:
+    """Every event and dead letter in Redis, for checking that no secret ended up there."""
+    redis = stack.client()
+    try:
+        out: list[object] = []
+        for key in await redis.keys("*"):
+            if await redis.type(key) == b"stream":
+                out += await redis.xrange(key)
+        return out
+    finally:
+        await redis.aclose()
+
+
 async def _ended(stack: Stack, sid: str) -> bool:
     redis = stack.client()
     try:
@@ -239,7 +252,8 @@ async def test_deepgram_401_fails_sessions_once_and_worker_keeps_serving(tmp_pat
     stack = Stack(tmp_path).start()
     try:
         stack.faults(handshake_status=401, handshake_count=3)
-        stack.start_worker("a1", VOXQUEUE_CONCURRENCY="1")  # one at a time: the first 3 sessions get the 401s
+        # One at a time, so the first 3 sessions get the 401s; a distinctive key to look for in the output.
+        stack.start_worker("a1", VOXQUEUE_CONCURRENCY="1", DEEPGRAM_API_KEY="dg-secret-4f9a1c")
         bad = {f"auth-{i}": 50 for i in range(3)}
         good = {f"ok-{i}": 100 for i in range(3)}
         await produce_all(stack, bad, realtime=False)
@@ -258,5 +272,31 @@ async def test_deepgram_401_fails_sessions_once_and_worker_keeps_serving(tmp_pat
         await redis.aclose()
         stats = stack.emulator_stats()
         assert stats["connections_accepted"] == 3, stats  # 3 good sessions; the 3 rejected were never retried
+        everything = stack.worker_log("a1") + repr(await redis_dump(stack))
+        assert "dg-secret-4f9a1c" not in everything, "the Deepgram key leaked into logs or events"
+    finally:
+        stack.stop()
+
+
+async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
+    """SIGTERM drains (an ending session may finish); a second SIGTERM does not wait for it."""
+    stack = Stack(tmp_path, worker_env={"VOXQUEUE_DRAIN_SECONDS": "60"}).start()
+    try:
+        stack.faults(slow_results_ms=20000)  # Deepgram takes "forever" to flush: the session keeps ending
+        stack.start_worker("s1")
+        await stack.wait_workers_ready(1)
+        await produce_all(stack, {"slow-0": 50}, realtime=False)
+        while (await owners(stack, ["slow-0"]))["slow-0"] != "s1":
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the end marker has been read: draining would wait for the session
+        stack.signal_worker("s1", signal.SIGTERM)
+        await asyncio.sleep(1.0)
+        assert stack.workers["s1"].poll() is None, "the first signal must drain, not exit"
+        second = time.monotonic()
+        stack.signal_worker("s1", signal.SIGTERM)
+        code = await asyncio.to_thread(stack.workers["s1"].wait, 10)
+        print(f"CHAOS second signal: exited {time.monotonic() - second:.2f}s after it (code {code})")
+        assert time.monotonic() - second < 5
+        assert "second signal" in stack.worker_log("s1")
     finally:
         stack.stop()
