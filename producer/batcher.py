@@ -35,6 +35,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.aio import cancel_and_wait, raise_if_cancelling
+from producer.resp import pack_xadd
 
 # Plain stdlib logging, not structlog: this is a library embedded in other people's backends, and
 # unconfigured structlog prints to stdout (which `voxqueue produce` reserves for the session id).
@@ -305,19 +306,6 @@ class Batcher:
     def _fail(batch: _Flush, exc: BaseException) -> None:
         if batch.done is not None and not batch.done.done():
             batch.done.set_exception(exc)
-
-
-def pack_xadd(key: str, fields: dict[str, bytes | str]) -> bytes:
-    """`XADD key * field value ...` in RESP, the form Redis reads off the wire."""
-    parts = [b"*%d\r\n$4\r\nXADD\r\n" % (3 + 2 * len(fields)), _bulk(key.encode()), b"$1\r\n*\r\n"]
-    for name, value in fields.items():
-        parts.append(_bulk(name.encode()))
-        parts.append(_bulk(value if isinstance(value, bytes) else value.encode()))
-    return b"".join(parts)
-
-
-def _bulk(data: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def _shared_future() -> asyncio.Future[None]:

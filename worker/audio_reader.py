@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 
+from producer.resp import bulk, pack_xread
 from worker.backoff import Backoff
 from worker.store import TRANSIENT_REDIS_ERRORS
 
@@ -27,6 +29,21 @@ log = structlog.get_logger("voxqueue.reader")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 YIELD_EVERY = 16  # inline sends between two yields to the event loop
+
+
+def _entries_by_stream(raw: Any) -> list[tuple[bytes, list[Entry]]]:
+    """XREAD's reply, RESP2 (a list of [key, entries]) or RESP3 (a map), as (key, [(id, fields)])."""
+    if not raw:
+        return []
+    streams = raw.items() if isinstance(raw, dict) else raw
+    out = []
+    for key, entries in streams:
+        parsed = []
+        for entry_id, flat in entries:
+            it = iter(flat)
+            parsed.append((entry_id, dict(zip(it, it, strict=True))))
+        out.append((key, parsed))
+    return out
 
 
 class Inbox:
@@ -87,6 +104,9 @@ class AudioReader:
         self.read_interval = read_interval_ms / 1000
         self.followers: dict[bytes, _Follower] = {}
         self._changed = asyncio.Event()
+        self._conn: Any = None  # the reader's own connection, held for good
+        self._packed_for: tuple[bytes, ...] = ()
+        self._packed_keys = b""
         self.reads = 0
         self.entries_read = 0
 
@@ -100,6 +120,31 @@ class AudioReader:
     def unfollow(self, audio_key: str) -> None:
         self.followers.pop(audio_key.encode(), None)
 
+    async def _xread(self, snapshot: dict[bytes, _Follower]) -> list[tuple[bytes, list[Entry]]]:
+        """XREAD packed by hand (producer.resp): redis-py's generic packing and chunked writes of a
+        command naming hundreds of streams cost more than reading them. The keys are packed once
+        per change of the followed set; only the positions are packed per read."""
+        keys = tuple(snapshot)
+        if keys != self._packed_for:
+            self._packed_for, self._packed_keys = keys, b"".join([bulk(k) for k in keys])
+        payload = pack_xread(
+            self.count, self.block_ms, self._packed_keys, len(keys), [f.position for f in snapshot.values()]
+        )
+        pool = self.redis.connection_pool
+        if self._conn is None:
+            self._conn = await pool.get_connection()
+        conn = self._conn
+        try:
+            await conn.send_packed_command(payload, check_health=False)
+            raw = await conn.read_response(disable_decoding=True)
+        except BaseException:
+            # Unread replies may be on it: never reuse this connection.
+            self._conn = None
+            await conn.disconnect()
+            await pool.release(conn)
+            raise
+        return _entries_by_stream(raw)
+
     async def run(self) -> None:
         backoff = Backoff(0.05, 2.0)
         loop = asyncio.get_running_loop()
@@ -109,18 +154,9 @@ class AudioReader:
                 await self._changed.wait()
                 continue
             snapshot = dict(self.followers)
-            args: list[bytes | int | str] = [
-                "COUNT",
-                self.count,
-                "BLOCK",
-                self.block_ms,
-                "STREAMS",
-                *snapshot,
-            ]
-            args += [f.position for f in snapshot.values()]
             started = loop.time()
             try:
-                reply = await self.redis.execute_command("XREAD", *args)
+                reply = await self._xread(snapshot)
             except TRANSIENT_REDIS_ERRORS as exc:
                 delay = backoff.next_delay()
                 log.warning("redis read failed, retrying", error=type(exc).__name__, retry_in=round(delay, 2))
@@ -129,7 +165,7 @@ class AudioReader:
             backoff.reset()
             self.reads += 1
             inline_sends = 0
-            for key, entries in reply or ():
+            for key, entries in reply:
                 follower = snapshot.get(key)
                 # Deliver only to the follower the read was made for: a session that stopped or
                 # re-positioned while the read was in flight has moved on.

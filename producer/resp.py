@@ -1,0 +1,31 @@
+"""Redis commands packed straight into RESP, for the two hot paths where redis-py's generic
+argument packing costs more than the work itself: the producer's XADD of a frame and the worker's
+XREAD over every stream it follows. Both have a fixed shape, so building the bytes is one join.
+"""
+
+from __future__ import annotations
+
+
+def bulk(data: bytes) -> bytes:
+    """One RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def pack_xadd(key: str, fields: dict[str, bytes | str]) -> bytes:
+    """`XADD key * field value ...`."""
+    parts = [b"*%d\r\n$4\r\nXADD\r\n" % (3 + 2 * len(fields)), bulk(key.encode()), b"$1\r\n*\r\n"]
+    for name, value in fields.items():
+        parts.append(bulk(name.encode()))
+        parts.append(bulk(value if isinstance(value, bytes) else value.encode()))
+    return b"".join(parts)
+
+
+def pack_xread(count: int, block_ms: int, packed_keys: bytes, key_count: int, ids: list[bytes]) -> bytes:
+    """`XREAD COUNT c BLOCK ms STREAMS key... id...`, with the keys already packed (they change far
+    less often than the ids, so callers keep `packed_keys = b"".join(map(bulk, keys))`)."""
+    head = b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%s$5\r\nBLOCK\r\n%s$7\r\nSTREAMS\r\n" % (
+        6 + 2 * key_count,
+        bulk(b"%d" % count),
+        bulk(b"%d" % block_ms),
+    )
+    return head + packed_keys + b"".join([bulk(i) for i in ids])
