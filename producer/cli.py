@@ -155,10 +155,13 @@ def _run(url: str, main: Callable[[aioredis.Redis], Coroutine[Any, Any, T]]) -> 
 
 def _scrub(text: str, url: str) -> str:
     """Remove the URL's password from a message, wherever a library may have echoed it."""
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return text
+    redacted = redact_url(url)
+    if redacted != url:
+        text = text.replace(url, redacted)
+    userinfo = url.split("://", 1)[-1].rpartition("@")[0]
+    password = userinfo.split(":", 1)[1] if ":" in userinfo else ""
+    with contextlib.suppress(ValueError):
+        password = password or urlsplit(url).password or ""
     return text.replace(password, "***") if password else text
 
 
@@ -528,6 +531,11 @@ def tail(sid: str | None, as_json: bool, redis_url: str, namespace: str, partiti
 
     async def main(client: aioredis.Redis) -> None:
         keys = Keys(namespace=namespace, partitions=partitions)
+        if sid is not None:
+            sk = keys.session(sid)
+            if not await client.exists(sk.results, sk.state, sk.audio):
+                # Starting tail before the producer is fine; say so rather than sit silent.
+                click.echo(f"waiting for session {sid} to start (no such session yet) …", err=True)
         events = (
             transcripts.follow_session(client, keys, sid, from_id="0")
             if sid is not None

@@ -37,6 +37,7 @@ unacknowledged frame, and it applies the retention TTL when the session ends.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Self
@@ -96,8 +97,19 @@ def connect(url: str, *, retries: int = 3, **kwargs: Any) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, **kwargs)
 
 
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>.*)@")
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***, for messages and logs."""
+    """The URL with its password replaced by ***, for messages and logs.
+
+    Everything between `scheme://` and the last `@` is user information, whatever characters the
+    password holds (an unescaped `/`, `?` or `#` makes urlsplit see no password at all).
+    """
+    match = _USERINFO.match(url)
+    if match and ":" in match.group("userinfo"):
+        user = match.group("userinfo").split(":", 1)[0]
+        return f"{match.group('scheme')}{user}:***@{url[match.end() :]}"
     try:
         parts = urlsplit(url)
         if parts.password is None:

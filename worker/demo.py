@@ -16,13 +16,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 from rich.console import Console
 
 from producer import protocol as p
 from producer.audio import AudioFileError, read_audio_file
 from producer.client import Producer
 from worker.config import ConfigError, load_settings
-from worker.logs import configure_logging, register_secret
+from worker.logs import configure_logging, redact_url, register_secret
 from worker.redis_server import RedisServer, RedisServerError
 
 DEMO_NAMESPACE = "vqdemo"
@@ -30,6 +32,17 @@ DEMO_NAMESPACE = "vqdemo"
 
 class DemoError(RuntimeError):
     pass
+
+
+async def _check_redis(url: str) -> None:
+    """Fail at once with a clear message rather than let a worker retry an unreachable Redis."""
+    client = aioredis.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        raise DemoError(f"cannot reach Redis at {redact_url(url)}: {type(exc).__name__}") from None
+    finally:
+        await client.aclose()
 
 
 def sample_path() -> Path:
@@ -77,8 +90,10 @@ async def run_demo(
             deepgram_url = emulator.url
             err.print(f"[dim]started the Deepgram emulator ({chosen} engine) at {deepgram_url}[/dim]")
 
+        await _check_redis(redis_url)
         try:
             settings = load_settings(
+                partitions=1,
                 redis_url=redis_url,
                 deepgram_url=deepgram_url,
                 deepgram_api_key=api_key or None,
