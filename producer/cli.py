@@ -517,7 +517,10 @@ async def recorded_audio(client: aioredis.Redis, keys: Keys, sid: str, frame_byt
         cursor = "(" + (last.decode() if isinstance(last, bytes) else str(last))
     if not frames:
         raise BadInput(f"session {sid} has no recorded audio in Redis (expired, or never existed)")
-    return b"".join(frames[seq] for seq in sorted(frames))
+    # Frames the original session never got were silence to Deepgram (the worker fills gaps);
+    # fill them the same way here so the replay's timestamps match the original's.
+    silence = bytes(frame_bytes)
+    return b"".join(frames.get(seq, silence) for seq in range(max(frames) + 1))
 
 
 @click.command("tail")

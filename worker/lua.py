@@ -108,7 +108,10 @@ redis.call('HDEL', KEYS[1], 'owner')
 local ttl = tonumber(ARGV[4])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
-if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('EXPIRE', KEYS[4], ttl) end
+-- Frames a producer appends after the end (a session rejected before its audio) must expire too:
+-- make sure the audio key exists, so it carries the TTL (XADD keeps an existing TTL).
+if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('XADD', KEYS[4], '*', 'end', '1') end
+redis.call('EXPIRE', KEYS[4], ttl)
 return 'ok'
 """
 

@@ -363,6 +363,9 @@ class WorkerPool:
                         sk.partition_results, fields, maxlen=self.settings.results_maxlen, approximate=True
                     )
                 pipe.expire(sk.results, self.settings.retention_seconds)
+                # The audio stream too, even if no frame came yet: later appends keep the TTL.
+                pipe.xadd(sk.audio, p.end_fields())
+                pipe.expire(sk.audio, self.settings.retention_seconds)
         except p.ProtocolError:
             pass
         pipe.xack(sessions_key, p.WORKERS_GROUP, entry_id)
