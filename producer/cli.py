@@ -15,7 +15,6 @@ import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import click
 import redis.asyncio as aioredis
@@ -27,7 +26,7 @@ from producer import transcripts
 from producer.aio import cancel_and_wait
 from producer.audio import AudioFileError, read_audio_file
 from producer.batcher import ProducerConnectionError, ProducerError
-from producer.client import Producer, ProducerSession, connect, redact_url
+from producer.client import Producer, ProducerSession, connect, redact_url, url_password
 from producer.options import parse_option_pairs, validate_options
 from producer.pacing import Pacer
 from producer.protocol import (
@@ -155,13 +154,8 @@ def _run(url: str, main: Callable[[aioredis.Redis], Coroutine[Any, Any, T]]) -> 
 
 def _scrub(text: str, url: str) -> str:
     """Remove the URL's password from a message, wherever a library may have echoed it."""
-    redacted = redact_url(url)
-    if redacted != url:
-        text = text.replace(url, redacted)
-    userinfo = url.split("://", 1)[-1].rpartition("@")[0]
-    password = userinfo.split(":", 1)[1] if ":" in userinfo else ""
-    with contextlib.suppress(ValueError):
-        password = password or urlsplit(url).password or ""
+    text = text.replace(url, redact_url(url))
+    password = url_password(url)
     return text.replace(password, "***") if password else text
 
 

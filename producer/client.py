@@ -100,6 +100,14 @@ def connect(url: str, *, retries: int = 3, **kwargs: Any) -> aioredis.Redis:
 _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>.*)@")
 
 
+def url_password(url: str) -> str:
+    """The password in a URL's user information ('' if none), whatever characters it holds."""
+    match = _USERINFO.match(url)
+    if not match or ":" not in match.group("userinfo"):
+        return ""
+    return match.group("userinfo").split(":", 1)[1]
+
+
 def redact_url(url: str) -> str:
     """The URL with its password replaced by ***, for messages and logs.
 

@@ -107,8 +107,6 @@ class AudioReader:
         self._conn: Any = None  # the reader's own connection, held for good
         self._packed_for: tuple[bytes, ...] = ()
         self._packed_keys = b""
-        self.reads = 0
-        self.entries_read = 0
 
     def follow(self, audio_key: str, inbox: Inbox, after: bytes, inline: InlineSender | None = None) -> None:
         """Deliver entries after `after` from the next read on: to `inline` when it accepts them
@@ -163,7 +161,6 @@ class AudioReader:
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
-            self.reads += 1
             inline_sends = 0
             for key, entries in reply:
                 follower = snapshot.get(key)
@@ -172,7 +169,6 @@ class AudioReader:
                 if not entries or follower is None or self.followers.get(key) is not follower:
                     continue
                 follower.position = entries[-1][0]
-                self.entries_read += len(entries)
                 if follower.inline is not None and await follower.inline(entries):
                     inline_sends += 1
                     if inline_sends % YIELD_EVERY == 0:

@@ -6,10 +6,10 @@ import asyncio
 import gc
 import sys
 from typing import Any
-from urllib.parse import urlparse
 
 import click
 
+from producer.client import url_password
 from worker.config import ConfigError, Settings, load_settings
 from worker.logs import configure_logging, register_secret
 
@@ -75,7 +75,7 @@ def worker(**flags: Any) -> None:
     """
     settings = _settings(**flags)
     configure_logging(settings.log_level, settings.log_format)
-    register_secret(urlparse(settings.redis_url).password)
+    register_secret(url_password(settings.redis_url))
     from worker.metrics import METRICS
     from worker.pool import WorkerPool
 

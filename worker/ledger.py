@@ -80,13 +80,6 @@ class FrameLedger:
         self.unacked.clear()
         self.connection_base_seq = self.next_seq
 
-    def start_connection(self) -> None:
-        self.rewind()
-
-    @property
-    def sent_on_connection(self) -> int:
-        return self.next_seq - self.connection_base_seq
-
     @property
     def pending_frames(self) -> int:
         return len(self.unacked)

@@ -52,7 +52,7 @@ _secrets_re: re.Pattern[str] | None = None
 _secrets_lock = threading.Lock()
 
 # scheme://user:PASSWORD@host  (user may be empty: redis://:PASSWORD@host)
-_URL_PASSWORD_RE = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@/\s]+)(?=@)")
+_URL_PASSWORD_RE = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?=@)")
 # ...?password=PASSWORD&...
 _QUERY_PASSWORD_RE = re.compile(
     r"(?P<head>[?&](?:password|passwd|pass|token)=)(?P<pw>[^&#\s]+)", re.IGNORECASE

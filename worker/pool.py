@@ -68,6 +68,7 @@ class WorkerPool:
         self.ctx = WorkerContext(settings, self.store, self.reader, self.link, self.consumer)
         self.owned: dict[str, Owned] = {}
         self._autoclaim_cursor: dict[str, bytes] = {}
+        self.partition_of_stream = {key: n for n, key in enumerate(self.keys.all_sessions())}
         self.claiming = True
         self.stop_requested = asyncio.Event()
         self.hard_stop = asyncio.Event()
@@ -332,7 +333,7 @@ class WorkerPool:
         sid_raw = raw.get(b"sid", b"")
         sid = sid_raw.decode(errors="replace")
         self.log.warning("rejected session entry", entry=entry_id.decode(), code=exc.code, reason=str(exc))
-        partition = int(sessions_key.split("{p", 1)[1].split("}", 1)[0])
+        partition = self.partition_of_stream[sessions_key]
         pipe = self.redis.pipeline(transaction=True)
         pipe.xadd(
             self.keys.dead(partition),

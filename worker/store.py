@@ -207,11 +207,6 @@ class SessionStore:
         """Audio entries strictly after `after_id` (XRANGE with an exclusive start, Redis >= 6.2)."""
         return await self.redis.xrange(audio_key, min=b"(" + after_id, max="+", count=count)
 
-    async def dead_letter(self, partition: int, reason: str, **fields: str | bytes) -> None:
-        await self.redis.xadd(
-            self.keys.dead(partition), {"reason": reason, **fields}, maxlen=int(self.maxlen), approximate=True
-        )
-
     async def ack_session_entry(self, sessions_key: str, entry_id: bytes) -> None:
         await self.redis.xack(sessions_key, p.WORKERS_GROUP, entry_id)
 
