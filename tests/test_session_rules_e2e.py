@@ -100,6 +100,7 @@ async def test_disallowed_option_rejects_the_session() -> None:
         events = await session_events(r.redis, KEYS, "exfil")
         assert [e["type"] for e in events] == [p.ERROR, p.SESSION_ENDED]
         assert events[0]["code"] == "option_not_allowed" and events[1]["reason"] == p.END_REJECTED
+        assert await r.redis.ttl(KEYS.session("exfil").audio) > 0  # late frames expire with it
         assert r.emulator.stats_json()["connections_accepted"] == 0
         assert len(await r.redis.xrange(KEYS.dead(0))) == 1
 
@@ -116,6 +117,7 @@ async def test_malformed_session_entry_is_dead_lettered() -> None:
         assert reasons == [b"bad_format", b"unknown_fields"]
         events = await session_events(r.redis, KEYS, "odd")
         assert [e["type"] for e in events] == [p.ERROR, p.SESSION_ENDED]
+        assert await r.redis.ttl(KEYS.session("odd").audio) > 0
         assert (await r.redis.xpending(KEYS.sessions(0), p.WORKERS_GROUP))["pending"] == 0
 
 
