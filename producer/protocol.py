@@ -7,6 +7,7 @@ docs/protocol.md, the producer library and the worker cannot drift apart. Nothin
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -248,6 +249,9 @@ def end_fields(frames: int | None = None) -> dict[str, str]:
     return out
 
 
+_PLAIN_SEQ: Final = re.compile(rb"0|[1-9][0-9]{0,17}")
+
+
 def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | EndMarker:
     """Decode one audio stream entry, raising ProtocolError for anything off-contract."""
     if b"end" in raw:
@@ -266,12 +270,10 @@ def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | End
         raise ProtocolError(
             "bad_entry", f"audio entry must have exactly `seq` and `pcm` (or `end`), got {names}"
         )
-    try:
-        seq = int(seq_raw)
-    except ValueError:
-        raise ProtocolError("bad_seq", "frame `seq` is not an integer") from None
-    if seq < 0:
-        raise ProtocolError("bad_seq", f"frame seq {seq} is negative")
+    # Exactly the decimal form (`0|[1-9][0-9]*`): int() would also take " 5", "+9" and "0_7".
+    if _PLAIN_SEQ.fullmatch(seq_raw) is None:
+        raise ProtocolError("bad_seq", "frame `seq` must be a decimal integer >= 0 without sign or padding")
+    seq = int(seq_raw)
     if len(pcm) != frame_bytes:
         raise ProtocolError("bad_frame_size", f"frame {seq} has {len(pcm)} bytes, expected {frame_bytes}")
     return Frame(seq, pcm)

@@ -11,6 +11,7 @@ both decode every message the same way. The connection itself stays the SDK's.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,32 +83,51 @@ class UnknownMessage(ValueError):
     """Not JSON, or a type this worker does not know (newer Deepgram): logged and skipped."""
 
 
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # far above any real Results message; bounds what we parse
+
+
 def decode(raw: str | bytes) -> Message:
+    """One server message. Anything off-shape (not JSON, too deep, wrong types, non-finite times)
+    is an UnknownMessage: skipped with a log line, never a broken connection or a crashed worker."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise UnknownMessage(f"message of {len(raw)} bytes is too large")
     try:
         data = json.loads(raw)
         kind = data["type"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
         raise UnknownMessage("not a Deepgram message") from None
+    if not isinstance(kind, str):
+        raise UnknownMessage("message `type` is not a string")
     decoder = _DECODERS.get(kind)
     if decoder is None:
         raise UnknownMessage(f"unknown message type {kind!r}")
     try:
         return decoder(data)
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise UnknownMessage(f"malformed {kind} message: {type(exc).__name__} {exc}") from None
+    except Exception as exc:  # hostile input: any shape error is this one message's problem
+        raise UnknownMessage(f"malformed {kind} message: {type(exc).__name__}") from None
+
+
+def _time(value: Any) -> float:
+    """A time in seconds from the server: a finite, non-negative number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("time is not a number")
+    t = float(value)
+    if not math.isfinite(t) or t < 0:
+        raise ValueError("time is not finite and non-negative")
+    return t
 
 
 def _results(d: dict[str, Any]) -> Results:
     alternatives = [
         Alternative(
-            a["transcript"],
+            str(a["transcript"]),
             float(a["confidence"]),
             [
                 Word(
-                    w["word"],
-                    w["start"],
-                    w["end"],
-                    w["confidence"],
+                    str(w["word"]),
+                    _time(w["start"]),
+                    _time(w["end"]),
+                    float(w["confidence"]),
                     w.get("punctuated_word"),
                     w.get("speaker"),
                 )
@@ -118,8 +138,8 @@ def _results(d: dict[str, Any]) -> Results:
     ]
     meta = d.get("metadata")
     return Results(
-        float(d["start"]),
-        float(d["duration"]),
+        _time(d["start"]),
+        _time(d["duration"]),
         d.get("is_final"),
         d.get("speech_final"),
         d.get("from_finalize"),
@@ -128,14 +148,10 @@ def _results(d: dict[str, Any]) -> Results:
     )
 
 
-def _word(w: dict[str, Any]) -> Word:
-    return Word(w["word"], w["start"], w["end"], w["confidence"], w.get("punctuated_word"), w.get("speaker"))
-
-
 _DECODERS = {
     "Results": _results,
     "Metadata": lambda d: Metadata(d["request_id"], float(d["duration"])),
-    "SpeechStarted": lambda d: SpeechStarted(float(d["timestamp"])),
-    "UtteranceEnd": lambda d: UtteranceEnd(float(d["last_word_end"])),
+    "SpeechStarted": lambda d: SpeechStarted(_time(d["timestamp"])),
+    "UtteranceEnd": lambda d: UtteranceEnd(_time(d["last_word_end"])),
     "Error": lambda d: ErrorMessage(str(d.get("variant", "")), str(d.get("description", ""))),
 }

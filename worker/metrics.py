@@ -24,6 +24,11 @@ class Metrics:
         self.link_failures = Counter(
             "voxqueue_deepgram_failures", "Deepgram connection failures", ["code"], registry=r
         )
+        self.commit_point_regressions = Counter(
+            "voxqueue_commit_point_regressions",
+            "Times Redis's commit point was behind ours (lost writes); the session replayed from it",
+            registry=r,
+        )
         self.bad_entries = Counter("voxqueue_bad_entries", "Producer entries rejected", ["code"], registry=r)
 
     def serve(self, port: int) -> None:

@@ -306,12 +306,7 @@ class WorkerPool:
         )
 
     async def _fail_poison(self, runner: SessionRunner, takeovers: int) -> None:
-        from worker.session_runner import Outcome
-
-        detail = f"taken over {takeovers} times: crash loop"
-        await runner._end(
-            Outcome("failed", p.END_FAILED, detail, dead_reason=detail), error_code="crash_loop"
-        )
+        await runner.fail_crash_loop(takeovers)
 
     def _session_done(self, sid: str, task: asyncio.Task[None]) -> None:
         self.owned.pop(sid, None)
