@@ -143,8 +143,28 @@ async def test_commit_refuses_a_final_behind_the_commit_point(redis: aioredis.Re
     # A runner that never saw that reply would replay from 0: its next final must not publish.
     with pytest.raises(StaleCommitPoint):
         await store.commit(sk, 1, Commit(0, 49, b"1-49"), final("stale", 0, 49))
-    assert await store.commit_point(sk, 1) == (24, b"1-24")
+    assert await store.commit_point(sk, 1) == (24, b"1-24", 1)
     assert await redis.xlen(sk.results) == 1
+
+
+async def test_normal_finish_is_refused_while_redis_is_behind_the_owner(redis: aioredis.Redis) -> None:
+    """Redis lost commits after the owner's last one (everysec fsync and a crash, a lagging replica):
+    ending now would lose their finals for good, so FINISH says 'stale' and changes nothing."""
+    store, sk = store_for(redis), KEYS.session("behind")
+    entry = await start_session(redis, "behind")
+    await store.acquire(sk, "w1", 5, entry)
+    await store.commit(sk, 1, Commit(0, 24, b"1-24"), final("behind", 0, 24))
+    await redis.hset(sk.state, mapping={"committed_seq": "9", "committed_id": "1-9"})  # the lost writes
+    event = standalone_event("behind", p.SESSION_ENDED, "end", reason="completed")
+    kwargs = {"status": "ended", "reason": "completed", "event": event, "frames": 50}
+    assert await store.finish(sk, 1, entry, expect_committed=24, **kwargs) == "stale"  # type: ignore[arg-type]
+    assert await redis.hget(sk.state, "status") == b"active"
+    assert await redis.xlen(sk.results) == 1
+    assert (await redis.xpending(KEYS.sessions(0), p.WORKERS_GROUP))["pending"] == 1
+    # Replayed and committed again: the end goes through.
+    await store.commit(sk, 1, Commit(10, 24, b"1-24"), final("behind", 10, 24))
+    assert await store.finish(sk, 1, entry, expect_committed=24, **kwargs) == "ok"  # type: ignore[arg-type]
+    assert await redis.hget(sk.state, "status") == b"ended"
 
 
 async def test_a_duplicate_sessions_entry_does_not_fence_the_owner(redis: aioredis.Redis) -> None:

@@ -86,13 +86,19 @@ return 'ok'
 
 # KEYS: state, session results, partition results, audio, sessions, dead
 # ARGV: epoch, maxlen, sessions_entry_id, retention_s, status, reason, type, sid, text, e,
-#       dead_reason ('' = no dead letter), frames
+#       dead_reason ('' = no dead letter), frames, expect_committed ('' = no check)
 # Ends a session: publishes session_ended, marks every frame done, acks the session's entry in the
-# sessions stream (its lease) and gives the session's keys the retention TTL.
+# sessions stream (its lease) and gives the session's keys the retention TTL. A normal end names
+# the commit point its owner reached: if Redis's is lower, Redis lost commits after it (fsync
+# everysec and a crash, a lagging replica promoted), and ending now would lose their finals for
+# good: 'stale', and the owner replays from Redis's commit point first.
 FINISH: Final = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'ended' or status == 'failed' then return 'dup' end
+if ARGV[13] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1') < tonumber(ARGV[13]) then
+  return 'stale'
+end
 local fields = {'type', ARGV[7], 'sid', ARGV[8], 'text', ARGV[9], 'e', ARGV[10]}
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))

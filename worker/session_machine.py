@@ -12,7 +12,7 @@ every rule is unit-tested (tests/test_session_machine.py) without processes or t
 Inputs                                   Outputs (actions)
 ------                                   -----------------
 begin(options_error)                     Publish (session_started), Connect | End
-commit_point(seq, id)  (read from Redis  -
+commit_point(seq, id)  (read from Redis  Note (it went backwards)
    before every connection: the
    authority, adopted even when lower)
 connected(now)                           ReadAudio (catch-up from the commit point)
@@ -23,6 +23,8 @@ commit_result(commit, result)            Abort (stale) | nothing
 tick(now)                                KeepAlive | Abort (stalled) | CloseInput (abandoned)
 closed(now)  (server closed normally)    End | Abort (closed early)
 failed(failure, now)                     Publish (error) + End | Reconnect(delay)
+reconnecting()  (the delay is over)      Connect
+end_refused()   (Redis is behind us)     Connect
 
 The delivery rules (docs/architecture.md has the why):
 
@@ -207,6 +209,9 @@ class End:
     event: dict[str, Any]
     detail: str = ""
     dead_reason: str = ""
+    # A normal end is refused ('stale') unless Redis's commit point is at least this: had Redis
+    # lost commits after the last one we made, ending now would lose their finals for good.
+    expect_committed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,7 +335,7 @@ class SessionMachine:
         self.phase = Phase.CONNECTING
         return [Publish(started, once=STARTED_FLAG), Connect()]
 
-    def commit_point(self, seq: int, entry_id: bytes) -> list[Action]:
+    def commit_point(self, seq: int, entry_id: bytes, finals: int | None = None) -> list[Action]:
         """Redis's commit point, read just before a connection opens. Redis is the authority:
         ahead of us (a commit whose reply was lost) or behind (Redis lost its last writes), it is
         adopted, and the next connection replays from it."""
@@ -351,6 +356,8 @@ class SessionMachine:
                 )
             )
         ledger.committed_seq, ledger.committed_id = seq, entry_id
+        if finals is not None:
+            self.finals = finals
         return notes
 
     def connected(self, now: float) -> list[Action]:
@@ -698,6 +705,7 @@ class SessionMachine:
             actions.append(Publish(event))
         frames = self.frames
         ended = self.events.session_ended(closing.reason, frames, self.finals, closing.detail)
+        normal = closing.status == p.STATUS_ENDED
         actions.append(
             End(
                 closing.status,
@@ -707,10 +715,20 @@ class SessionMachine:
                 ended,
                 closing.detail,
                 closing.dead_reason,
+                self.ledger.committed_seq if normal else None,
             )
         )
         self.phase = Phase.ENDED
         return actions
+
+    def end_refused(self) -> list[Action]:
+        """Redis refused a normal End: its commit point is behind ours (it lost writes after our
+        last commit). Replay from Redis's commit point and end again, so no final is lost."""
+        self._expect(Phase.ENDED)
+        self.phase = Phase.CONNECTING
+        self.closing = None
+        self.end_seen = False
+        return [Connect()]
 
     def _expect(self, phase: Phase) -> None:
         if self.phase is not phase:

@@ -127,8 +127,9 @@ class SessionRunner:
                 await asyncio.sleep(action.delay)
                 queue.extend(self.machine.reconnecting())
             elif isinstance(action, sm.End):
-                await self._end(action)
-                return
+                if await self._end(action):
+                    return
+                queue.extend(self.machine.end_refused())
             else:
                 await self._perform_redis(action)
 
@@ -140,8 +141,10 @@ class SessionRunner:
         machine = self.machine
         # Redis is the authority on the commit point, whether it is ahead of ours (a commit whose
         # reply was lost) or behind (Redis lost its last writes): the machine adopts it.
-        seq, entry = await self._retry_redis(lambda: self.ctx.store.commit_point(self.keys, self.epoch))
-        for note in machine.commit_point(seq, entry):
+        seq, entry, finals = await self._retry_redis(
+            lambda: self.ctx.store.commit_point(self.keys, self.epoch)
+        )
+        for note in machine.commit_point(seq, entry, finals):
             self._note(note)
         self.ctx.reader.unfollow(self.keys.audio)
         self.inbox.reset()
@@ -340,8 +343,9 @@ class SessionRunner:
         else:
             getattr(self.log, note.level)(note.what.replace("_", " "), **note.fields)
 
-    async def _end(self, end: sm.End) -> None:
-        await self._retry_redis(
+    async def _end(self, end: sm.End) -> bool:
+        """Performs End; False when Redis refused it because its commit point is behind ours."""
+        result = await self._retry_redis(
             lambda: self.ctx.store.finish(
                 self.keys,
                 self.epoch,
@@ -351,8 +355,16 @@ class SessionRunner:
                 event=end.event,
                 frames=end.frames,
                 dead_reason=end.dead_reason,
+                expect_committed=end.expect_committed,
             )
         )
+        if result == "stale":
+            METRICS.commit_point_regressions.inc()
+            self.log.warning(
+                "commit point went backwards in Redis before the end (lost writes): replaying",
+                ours=end.expect_committed,
+            )
+            return False
         METRICS.sessions_ended.labels(end.reason).inc()
         self.log.info(
             "session ended",
@@ -361,6 +373,7 @@ class SessionRunner:
             finals=end.finals,
             detail=end.detail or None,
         )
+        return True
 
     async def _retry_redis(self, call: Callable[[], Awaitable[T]]) -> T:
         """Redis outages are waited out (the lease protects the session meanwhile, and fencing keeps

@@ -121,12 +121,15 @@ class SessionStore:
             raise StaleCommitPoint(sk.sid)
         return result
 
-    async def commit_point(self, sk: p.SessionKeys, epoch: int) -> tuple[int, bytes]:
-        """The session's commit point as Redis has it (fenced: raises if the session moved on)."""
-        epoch_now, seq, entry = await self.redis.hmget(sk.state, ["epoch", "committed_seq", "committed_id"])
+    async def commit_point(self, sk: p.SessionKeys, epoch: int) -> tuple[int, bytes, int]:
+        """The session's commit point as Redis has it, and its count of published finals (fenced:
+        raises if the session moved on)."""
+        epoch_now, seq, entry, finals = await self.redis.hmget(
+            sk.state, ["epoch", "committed_seq", "committed_id", "finals"]
+        )
         if epoch_now is None or int(epoch_now) != epoch:
             raise Fenced(sk.sid)
-        return int(seq or -1), entry or b"0-0"
+        return int(seq or -1), entry or b"0-0", int(finals or 0)
 
     async def publish(self, sk: p.SessionKeys, epoch: int, event: dict[str, Any], once: str = "") -> str:
         fields = p.encode_event(event)
@@ -177,6 +180,7 @@ class SessionStore:
         event: dict[str, Any],
         frames: int,
         dead_reason: str = "",
+        expect_committed: int | None = None,
     ) -> str:
         fields = p.encode_event(event)
         args: list[Any] = [
@@ -192,6 +196,7 @@ class SessionStore:
             fields[p.R_EVENT],
             dead_reason,
             frames,
+            "" if expect_committed is None else expect_committed,
         ]
         keys = [sk.state, sk.results, sk.partition_results, sk.audio, sk.sessions, sk.dead]
         result = _s(await self._finish(keys=keys, args=args))
