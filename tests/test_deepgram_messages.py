@@ -100,3 +100,41 @@ def test_lean_decoding_matches_the_sdk(message: dict[str, Any]) -> None:
 def test_unknown_or_malformed_messages_are_refused(raw: str) -> None:
     with pytest.raises(dm.UnknownMessage):
         dm.decode(raw)
+
+
+def _results_with(**changes: Any) -> str:
+    message = json.loads(json.dumps(RESULTS))
+    for path, value in changes.items():
+        target = message
+        *parents, leaf = path.split("__")
+        for name in parents:
+            target = target[int(name)] if isinstance(target, list) else target[name]
+        target[leaf] = value
+    return json.dumps(message)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "[" * 100_000 + "]" * 100_000,  # RecursionError in json
+        '{"type": ["Results"]}',  # unhashable type
+        "[1, 2]",
+        '{"type": "Results", "start": "x", "duration": 1}',
+        _results_with(start=float("nan")),
+        _results_with(duration=float("inf")),
+        _results_with(start=-1),
+        _results_with(start=True),
+        _results_with(channel__alternatives=[{"transcript": "a", "confidence": 1, "words": [5]}]),
+        _results_with(channel__alternatives__0__words__0__start="soon"),
+        _results_with(metadata=[1]),
+        '{"type": "SpeechStarted", "timestamp": null}',
+        '{"type": "UtteranceEnd", "last_word_end": 1e999}',
+        " " * (dm.MAX_MESSAGE_BYTES + 1),
+    ],
+    ids=lambda raw: raw[:40],
+)
+def test_hostile_messages_are_refused_one_by_one_never_raised(raw: str) -> None:
+    """Whatever a server (or something posing as one) sends, the decoder's only failure is
+    UnknownMessage: the runner logs and skips it, the connection and the worker go on."""
+    with pytest.raises(dm.UnknownMessage):
+        dm.decode(raw)
