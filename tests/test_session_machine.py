@@ -650,3 +650,13 @@ def test_model_random_interleavings_keep_every_guarantee(seed: int) -> None:
         for w in f["words"]:
             assert w["start"] == pytest.approx(int(w["word"][1:]) * 0.02, abs=1e-6)
     assert end.frames == world.total
+
+
+def test_send_interval_holds_live_frames_to_send_them_together() -> None:
+    m = live_machine(sm.Rules(frame_bytes=FB, catchup_speed=0, send_interval=0.06))
+    assert m.live_wait(1.0) == 0.0
+    assert sent(m.live([entry(0)], 1.0)) == [0]
+    assert m.live_wait(1.02) == pytest.approx(0.04)
+    assert m.live_inline([entry(1)], 1.02) is None  # inline sending would defeat the interval
+    actions = m.live([entry(1), entry(2), entry(3)], 1.06)
+    assert [a.frames for a in of(sm.Send, actions)] == [3]

@@ -179,3 +179,19 @@ async def test_crash_looping_session_is_failed_not_run() -> None:
         assert await r.redis.hget(sk.state, "status") == b"failed"
         assert r.emulator.stats_json()["connections_accepted"] == 0
         assert len(await r.redis.xrange(KEYS.dead(0))) == 1
+
+
+async def test_send_interval_coalesces_live_frames_into_fewer_messages() -> None:
+    async with rig(send_interval_ms=60) as r:
+        session = await r.producer.open_session(sid="coalesced")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for n in range(100):  # real time: one frame every 20 ms
+            await asyncio.sleep(max(0.0, start + n * 0.02 - loop.time()))
+            await session.send_frame(marker_frame(n))
+        await session.end()
+        await wait_until_ended(r.redis, KEYS, ["coalesced"], 20)
+        assert_perfect(await check_marker_session(r.redis, KEYS, "coalesced", 100), 100)
+        stats = r.emulator.stats_json()
+        # ~3 frames per message at a 60 ms interval; one message per frame without it.
+        assert stats["messages_received"] < 60, stats["messages_received"]

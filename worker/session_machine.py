@@ -84,7 +84,7 @@ class Rules:
     catchup_burst_seconds: float = 2.0
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
-    inline_sending: bool = True  # live frames may be sent from the reader's task (no send interval)
+    send_interval: float = 0.0  # seconds: hold live frames this long to send fewer, larger messages
 
     @classmethod
     def from_settings(cls, settings: Any, fmt: p.AudioFormat) -> Rules:
@@ -102,7 +102,7 @@ class Rules:
             catchup_burst_seconds=settings.catchup_burst_seconds,
             backoff_initial=settings.backoff_initial,
             backoff_max=settings.backoff_max,
-            inline_sending=settings.send_interval_ms == 0,
+            send_interval=settings.send_interval_ms / 1000,
         )
 
 
@@ -286,6 +286,7 @@ class SessionMachine:
     end_seen: bool = False
     closing: _Closing | None = None
     closing_since: float = 0.0
+    next_send_at: float = 0.0  # with a send interval: when live frames may next be taken
     request_id: str = ""
     commit_point_fresh: bool = False  # read from Redis since the last connection ended
     pacer: CatchupPacer = field(init=False)
@@ -393,9 +394,18 @@ class SessionMachine:
                 actions.append(ReadAudio(self.last_read_id, count))
         return actions
 
+    def live_wait(self, now: float) -> float:
+        """Seconds to let live frames accumulate before taking them (the send interval: fewer,
+        larger messages for that much latency). 0 = take them now."""
+        if not self.rules.send_interval:
+            return 0.0
+        return max(0.0, self.next_send_at - now)
+
     def live(self, entries: list[Entry], now: float) -> list[Action]:
         if self.phase is not Phase.LIVE:  # delivered after the connection moved on: re-read later
             return []
+        if self.rules.send_interval:
+            self.next_send_at = now + self.rules.send_interval
         return self._process(entries, now)
 
     def inbox_overflowed(self) -> list[Action]:
@@ -411,7 +421,7 @@ class SessionMachine:
         connection with no pacing due, are sent from the reader's task as one message. Returns
         the payload (already recorded as sent), or None to decline (the entries then go through
         `live`, which handles everything else)."""
-        if self.phase is not Phase.LIVE or not self.rules.inline_sending:
+        if self.phase is not Phase.LIVE or self.rules.send_interval:
             return None
         rules = self.rules
         frame_bytes = rules.frame_bytes

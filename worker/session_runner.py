@@ -216,6 +216,9 @@ class SessionRunner:
                     queue.extend(machine.inbox_overflowed())
                     continue
                 if self.inbox.entries:
+                    wait = machine.live_wait(loop.time())
+                    if wait > 0:  # let more frames arrive, to send them as one message
+                        await asyncio.sleep(wait)
                     queue.extend(machine.live(self.inbox.take(), loop.time()))
                     continue
                 # While parked here the reader may send this session's frames itself (send_inline).
