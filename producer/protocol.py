@@ -7,6 +7,8 @@ docs/protocol.md, the producer library and the worker cannot drift apart. Nothin
 from __future__ import annotations
 
 import json
+import math
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -30,6 +32,14 @@ SESSION_FIELDS: Final = frozenset(
     {F_SID, F_ENCODING, F_SAMPLE_RATE, F_CHANNELS, F_FRAME_MS, F_OPTIONS, F_LABELS, F_VERSION}
 )
 REQUIRED_SESSION_FIELDS: Final = frozenset({F_SID})
+# Bounds checked BEFORE parsing `options` and `labels` (docs/protocol.md, section 2): a session entry
+# comes from a less trusted producer, and a huge or deeply nested JSON value costs the worker memory
+# and stack (Python's json recursion). The allow-listed options fit easily in 64 KiB (7 list options
+# of at most 100 values of 256 characters); labels are a flat map, so depth 1 is all they need.
+MAX_OPTIONS_BYTES: Final = 65_536
+MAX_LABELS_BYTES: Final = 16_384
+MAX_OPTIONS_DEPTH: Final = 2  # {"keywords": ["a", "b"]}
+MAX_LABELS_DEPTH: Final = 1  # {"team": "x"}
 
 # Fields of an audio stream entry: a frame carries `seq` and `pcm`; the end marker carries `end`.
 F_SEQ: Final = "seq"
@@ -206,8 +216,8 @@ class SessionStart:
         except ValueError as exc:
             raise ProtocolError("bad_format", f"audio format fields are not integers: {exc}") from None
         fmt.validate()
-        options = _json_object(fields.get(F_OPTIONS), "options")
-        labels = _json_object(fields.get(F_LABELS), "labels")
+        options = _json_object(fields.get(F_OPTIONS), "options", MAX_OPTIONS_BYTES, MAX_OPTIONS_DEPTH)
+        labels = _json_object(fields.get(F_LABELS), "labels", MAX_LABELS_BYTES, MAX_LABELS_DEPTH)
         if not all(isinstance(v, str) for v in labels.values()):
             raise ProtocolError("bad_labels", "labels must map strings to strings")
         return cls(sid=sid, format=fmt, options=options, labels=labels)
@@ -314,12 +324,46 @@ def _text(value: bytes | str) -> str:
     return value
 
 
-def _json_object(value: bytes | str | None, name: str) -> dict[str, Any]:
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_NESTING = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of arrays/objects in a JSON text, without parsing it (no recursion): strings
+    are skipped, then brackets are counted. Malformed text gets some number; json.loads judges it."""
+    depth = deepest = 0
+    for bracket in _JSON_NESTING.findall(_JSON_STRING.sub(b"", raw)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999 parses to inf
+        raise ValueError("number out of range")
+    return number
+
+
+def _json_object(value: bytes | str | None, name: str, max_bytes: int, max_depth: int) -> dict[str, Any]:
     if value is None or value in (b"", ""):
         return {}
+    raw = value if isinstance(value, bytes) else value.encode(errors="surrogatepass")
+    if len(raw) > max_bytes:
+        raise ProtocolError(f"bad_{name}", f"`{name}` is {len(raw)} bytes; at most {max_bytes} allowed")
+    if json_depth(raw) > max_depth:
+        raise ProtocolError(f"bad_{name}", f"`{name}` is nested deeper than {max_depth} levels")
     try:
-        obj = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
+        # NaN/Infinity literals and out-of-range numbers are not JSON numbers a producer can mean.
+        obj = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError(f"bad_{name}", f"`{name}` is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"bad_{name}", f"`{name}` must be a JSON object")
