@@ -184,14 +184,25 @@ class SessionStart:
     labels: dict[str, str] = field(default_factory=dict)
 
     def to_fields(self) -> dict[str, str]:
+        """The entry's fields; raises ProtocolError if options or labels exceed the size limits."""
+        options = json.dumps(self.options, separators=(",", ":"), sort_keys=True)
+        labels = json.dumps(self.labels, separators=(",", ":"), sort_keys=True)
+        for name, text, limit in (
+            ("options", options, MAX_OPTIONS_BYTES),
+            ("labels", labels, MAX_LABELS_BYTES),
+        ):
+            if len(text.encode()) > limit:
+                raise ProtocolError(
+                    f"bad_{name}", f"`{name}` is {len(text.encode())} bytes; at most {limit} allowed"
+                )
         return {
             F_SID: self.sid,
             F_ENCODING: self.format.encoding,
             F_SAMPLE_RATE: str(self.format.sample_rate),
             F_CHANNELS: str(self.format.channels),
             F_FRAME_MS: str(self.format.frame_ms),
-            F_OPTIONS: json.dumps(self.options, separators=(",", ":"), sort_keys=True),
-            F_LABELS: json.dumps(self.labels, separators=(",", ":"), sort_keys=True),
+            F_OPTIONS: options,
+            F_LABELS: labels,
             F_VERSION: str(PROTOCOL_VERSION),
         }
 

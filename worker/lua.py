@@ -245,6 +245,13 @@ for i = 1, #groups[1] - 1, 2 do info[groups[1][i]] = groups[1][i + 1] end
 if info['name'] ~= 'workers' then return 0 end
 local floor = info['last-delivered-id']
 local pending = redis.call('XPENDING', KEYS[1], 'workers')
-if tonumber(pending[1]) > 0 then floor = pending[2] end
+if tonumber(pending[1]) > 0 then
+  floor = pending[2]
+else
+  -- Nothing pending: everything up to the last delivered entry is done; MINID keeps ids >= floor,
+  -- so step just past it (when the sequence part is small enough for Lua's numbers).
+  local ms, sq = string.match(floor, '^(%d+)%-(%d+)$')
+  if ms and #sq < 15 then floor = ms .. '-' .. string.format('%d', tonumber(sq) + 1) end
+end
 return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 """
