@@ -8,6 +8,8 @@ The same check runs in the producer (early, clear error) and in the worker (the 
 
 from __future__ import annotations
 
+import contextlib
+import math
 import re
 from typing import Any, Final
 
@@ -113,25 +115,52 @@ def _bool(name: str, value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower()
-    raise ProtocolError("bad_option", f"option {name!r} must be true or false, not {value!r}")
+    raise ProtocolError("bad_option", f"option {name!r} must be true or false, not {_preview(value)}")
+
+
+MAX_INT_OPTION: Final = 600_000
 
 
 def _int(name: str, value: Any) -> str:
+    # Only whole numbers in range: a float must be integral and finite (int(1e999) raises
+    # OverflowError, int(nan) ValueError), a string short enough to convert cheaply.
     if isinstance(value, bool):
         raise ProtocolError("bad_option", f"option {name!r} must be an integer")
-    try:
+    number: int | None = None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
         number = int(value)
-    except (TypeError, ValueError):
-        raise ProtocolError("bad_option", f"option {name!r} must be an integer, not {value!r}") from None
-    if not 0 <= number <= 600_000:
-        raise ProtocolError("bad_option", f"option {name!r} is out of range: {number}")
+    elif isinstance(value, str) and len(value) <= 16:
+        with contextlib.suppress(ValueError):
+            number = int(value)
+    if number is None:
+        raise ProtocolError("bad_option", f"option {name!r} must be an integer, not {_preview(value)}")
+    if not 0 <= number <= MAX_INT_OPTION:
+        raise ProtocolError("bad_option", f"option {name!r} is out of range (0..{MAX_INT_OPTION})")
     return str(number)
 
 
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str | int | float) or isinstance(value, bool):
         raise ProtocolError("bad_option", f"option {name!r} must be text")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError("bad_option", f"option {name!r} must be text or a finite number")
+    if isinstance(value, int) and not -(10**MAX_OPTION_TEXT) < value < 10**MAX_OPTION_TEXT:
+        # str() of a huge int is slow and, past 4300 digits, raises ValueError in Python 3.11.
+        raise ProtocolError("bad_option", f"option {name!r} has characters or length that are not allowed")
     text = str(value)
     if len(text) > MAX_OPTION_TEXT or not _SAFE_TEXT.match(text):
         raise ProtocolError("bad_option", f"option {name!r} has characters or length that are not allowed")
     return text
+
+
+def _preview(value: Any) -> str:
+    """A short, safe rendering of a bad value for an error message: never a huge repr (a
+    4300-digit int's repr even raises ValueError), never an exception of its own."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return "a huge integer"
+    if not isinstance(value, str | int | float | bool | type(None)):
+        return "a JSON array" if isinstance(value, list) else "a JSON object"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

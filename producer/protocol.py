@@ -31,6 +31,14 @@ SESSION_FIELDS: Final = frozenset(
     {F_SID, F_ENCODING, F_SAMPLE_RATE, F_CHANNELS, F_FRAME_MS, F_OPTIONS, F_LABELS, F_VERSION}
 )
 REQUIRED_SESSION_FIELDS: Final = frozenset({F_SID})
+# Bounds checked BEFORE parsing `options` and `labels` (docs/protocol.md, section 2): a session entry
+# comes from a less trusted producer, and a huge or deeply nested JSON value costs the worker memory
+# and stack (Python's json recursion). The allow-listed options fit easily in 64 KiB (7 list options
+# of at most 100 values of 256 characters); labels are a flat map, so depth 1 is all they need.
+MAX_OPTIONS_BYTES: Final = 65_536
+MAX_LABELS_BYTES: Final = 16_384
+MAX_OPTIONS_DEPTH: Final = 2  # {"keywords": ["a", "b"]}
+MAX_LABELS_DEPTH: Final = 1  # {"team": "x"}
 
 # Fields of an audio stream entry: a frame carries `seq` and `pcm`; the end marker carries `end`.
 F_SEQ: Final = "seq"
@@ -175,14 +183,25 @@ class SessionStart:
     labels: dict[str, str] = field(default_factory=dict)
 
     def to_fields(self) -> dict[str, str]:
+        """The entry's fields; raises ProtocolError if options or labels exceed the size limits."""
+        options = json.dumps(self.options, separators=(",", ":"), sort_keys=True)
+        labels = json.dumps(self.labels, separators=(",", ":"), sort_keys=True)
+        for name, text, limit in (
+            ("options", options, MAX_OPTIONS_BYTES),
+            ("labels", labels, MAX_LABELS_BYTES),
+        ):
+            if len(text.encode()) > limit:
+                raise ProtocolError(
+                    f"bad_{name}", f"`{name}` is {len(text.encode())} bytes; at most {limit} allowed"
+                )
         return {
             F_SID: self.sid,
             F_ENCODING: self.format.encoding,
             F_SAMPLE_RATE: str(self.format.sample_rate),
             F_CHANNELS: str(self.format.channels),
             F_FRAME_MS: str(self.format.frame_ms),
-            F_OPTIONS: json.dumps(self.options, separators=(",", ":"), sort_keys=True),
-            F_LABELS: json.dumps(self.labels, separators=(",", ":"), sort_keys=True),
+            F_OPTIONS: options,
+            F_LABELS: labels,
             F_VERSION: str(PROTOCOL_VERSION),
         }
 
@@ -207,8 +226,8 @@ class SessionStart:
         except ValueError as exc:
             raise ProtocolError("bad_format", f"audio format fields are not integers: {exc}") from None
         fmt.validate()
-        options = _json_object(fields.get(F_OPTIONS), "options")
-        labels = _json_object(fields.get(F_LABELS), "labels")
+        options = _json_object(fields.get(F_OPTIONS), "options", MAX_OPTIONS_BYTES, MAX_OPTIONS_DEPTH)
+        labels = _json_object(fields.get(F_LABELS), "labels", MAX_LABELS_BYTES, MAX_LABELS_DEPTH)
         if not all(isinstance(v, str) for v in labels.values()):
             raise ProtocolError("bad_labels", "labels must map strings to strings")
         return cls(sid=sid, format=fmt, options=options, labels=labels)
@@ -316,12 +335,36 @@ def _text(value: bytes | str) -> str:
     return value
 
 
-def _json_object(value: bytes | str | None, name: str) -> dict[str, Any]:
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_NESTING = re.compile(rb"[\[\]{}]")
+
+
+def json_depth(raw: bytes) -> int:
+    """Deepest nesting of arrays/objects in a JSON text, without parsing it (no recursion): strings
+    are skipped, then brackets are counted. Malformed text gets some number; json.loads judges it."""
+    depth = deepest = 0
+    for bracket in _JSON_NESTING.findall(_JSON_STRING.sub(b"", raw)):
+        if bracket in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _json_object(value: bytes | str | None, name: str, max_bytes: int, max_depth: int) -> dict[str, Any]:
     if value is None or value in (b"", ""):
         return {}
+    raw = value if isinstance(value, bytes) else value.encode(errors="surrogatepass")
+    if len(raw) > max_bytes:
+        raise ProtocolError(f"bad_{name}", f"`{name}` is {len(raw)} bytes; at most {max_bytes} allowed")
+    if json_depth(raw) > max_depth:
+        raise ProtocolError(f"bad_{name}", f"`{name}` is nested deeper than {max_depth} levels")
     try:
-        obj = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
+        # NaN, Infinity and 1e999 (inf) still parse: options.validate_options refuses them as
+        # bad_option naming the option; labels refuse anything but strings.
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError(f"bad_{name}", f"`{name}` is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"bad_{name}", f"`{name}` must be a JSON object")

@@ -12,39 +12,53 @@ from __future__ import annotations
 
 from typing import Final
 
-# KEYS: state. ARGV: owner, max_takeovers, now_ms, sessions_entry_id
-# Returns {status, epoch, committed_seq, committed_id, frames, finals, takeovers}; status is ok,
-# done (already ended), poison (crash loop) or duplicate (another entry owns this sid)
+# KEYS: state, sessions. ARGV: owner, max_takeovers, now_ms, sessions_entry_id
+# Returns {status, epoch, committed_seq, committed_id, frames, finals, takeovers, stalled};
+# status is ok, done (already ended), poison (crash loop) or duplicate (another entry owns this
+# sid). A done or duplicate entry is retired here (XACK + XDEL): it is no lease, and the stream
+# must not keep it. `takeovers` counts every takeover; the crash-loop limit applies to
+# `stalled_takeovers`, the takeovers in a row with no committed progress in between
+# (`takeover_seq` remembers committed_seq at the last takeover): a long, healthy session whose
+# workers die for unrelated reasons is never failed as a crash loop. A state hash from before
+# `stalled_takeovers` existed counts all its takeovers as stalled. A poison reply carries the real
+# commit point and counters, so the session's end reports them.
 ACQUIRE: Final = """
 local start_id = redis.call('HGET', KEYS[1], 'start_id')
 if start_id and start_id ~= ARGV[4] then
   -- A second sessions entry for the same sid (a producer retried its XADD): not a new owner.
-  return {'duplicate', 0, -1, '0-0', 0, 0, 0}
+  redis.call('XACK', KEYS[2], 'workers', ARGV[4])
+  redis.call('XDEL', KEYS[2], ARGV[4])
+  return {'duplicate', 0, -1, '0-0', 0, 0, 0, 0}
 end
 local status = redis.call('HGET', KEYS[1], 'status')
 local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 if status == 'ended' or status == 'failed' then
-  return {'done', epoch, -1, '0-0', 0, 0, 0}
+  redis.call('XACK', KEYS[2], 'workers', ARGV[4])
+  redis.call('XDEL', KEYS[2], ARGV[4])
+  return {'done', epoch, -1, '0-0', 0, 0, 0, 0}
 end
+local committed = tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1')
 local takeovers = tonumber(redis.call('HGET', KEYS[1], 'takeovers') or '0')
+local stalled = tonumber(redis.call('HGET', KEYS[1], 'stalled_takeovers') or takeovers)
 if redis.call('HGET', KEYS[1], 'released') == '1' then
   redis.call('HDEL', KEYS[1], 'released')
 elseif status then
   takeovers = redis.call('HINCRBY', KEYS[1], 'takeovers', 1)
+  local last = tonumber(redis.call('HGET', KEYS[1], 'takeover_seq') or '-1')
+  if committed > last then stalled = 0 else stalled = stalled + 1 end
+  redis.call('HSET', KEYS[1], 'stalled_takeovers', stalled, 'takeover_seq', committed)
 end
 redis.call('HSET', KEYS[1], 'status', 'active', 'owner', ARGV[1], 'claimed_at', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'start_id', ARGV[4])
 redis.call('PERSIST', KEYS[1])
-if takeovers > tonumber(ARGV[2]) then
-  return {'poison', epoch, -1, '0-0', 0, 0, takeovers}
-end
-return {'ok', epoch,
-  tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1'),
+local verdict = 'ok'
+if stalled > tonumber(ARGV[2]) then verdict = 'poison' end
+return {verdict, epoch, committed,
   redis.call('HGET', KEYS[1], 'committed_id') or '0-0',
   tonumber(redis.call('HGET', KEYS[1], 'frames') or '0'),
   tonumber(redis.call('HGET', KEYS[1], 'finals') or '0'),
-  takeovers}
+  takeovers, stalled}
 """
 
 # KEYS: state, session results, partition results
@@ -87,11 +101,14 @@ return 'ok'
 # KEYS: state, session results, partition results, audio, sessions, dead
 # ARGV: epoch, maxlen, sessions_entry_id, retention_s, status, reason, type, sid, text, e,
 #       dead_reason ('' = no dead letter), frames, expect_committed ('' = no check)
-# Ends a session: publishes session_ended, marks every frame done, acks the session's entry in the
-# sessions stream (its lease) and gives the session's keys the retention TTL. A normal end names
-# the commit point its owner reached: if Redis's is lower, Redis lost commits after it (fsync
-# everysec and a crash, a lagging replica promoted), and ending now would lose their finals for
-# good: 'stale', and the owner replays from Redis's commit point first.
+# Ends a session: publishes session_ended, marks every frame done (never moving the commit point
+# back: a failed session keeps it), retires the session's entry in the sessions stream (XACK ends
+# the lease, XDEL keeps the stream bounded and means a recreated consumer group can never deliver
+# an ended session again) and gives the session's keys the retention TTL. The entry's format,
+# options and labels are copied into the state hash first, so tools (replay) still find them.
+# A normal end names the commit point its owner reached: if Redis's is lower, Redis lost commits
+# after it (fsync everysec and a crash, a lagging replica promoted), and ending now would lose
+# their finals for good: 'stale', and the owner replays from Redis's commit point first.
 FINISH: Final = """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -102,14 +119,28 @@ end
 local fields = {'type', ARGV[7], 'sid', ARGV[8], 'text', ARGV[9], 'e', ARGV[10]}
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
+local entry = redis.call('XRANGE', KEYS[5], ARGV[3], ARGV[3])
+if entry[1] then
+  local kept = {encoding = true, sample_rate = true, channels = true, frame_ms = true,
+    options = true, labels = true}
+  local f = entry[1][2]
+  for i = 1, #f - 1, 2 do
+    if kept[f[i]] then redis.call('HSET', KEYS[1], f[i], f[i + 1]) end
+  end
+end
 redis.call('XACK', KEYS[5], 'workers', ARGV[3])
+redis.call('XDEL', KEYS[5], ARGV[3])
 if ARGV[11] ~= '' then
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'sid', ARGV[8], 'reason', ARGV[11],
     'stream', KEYS[5], 'entry', ARGV[3])
 end
 local frames = tonumber(ARGV[12])
+local committed = tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1')
+if frames - 1 > committed then committed = frames - 1 end
+local counted = tonumber(redis.call('HGET', KEYS[1], 'frames') or '0')
+if counted > frames then frames = counted end
 redis.call('HSET', KEYS[1], 'status', ARGV[5], 'reason', ARGV[6], 'ended_at', redis.call('TIME')[1],
-  'frames', frames, 'committed_seq', frames - 1)
+  'frames', frames, 'committed_seq', committed)
 redis.call('HDEL', KEYS[1], 'owner')
 local ttl = tonumber(ARGV[4])
 redis.call('EXPIRE', KEYS[1], ttl)
@@ -164,4 +195,69 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'sid', ARGV[8], 'reason', ARGV[6],
   'stream', ARGV[4], 'entry', ARGV[5])
 return 'ok'
+"""
+
+# KEYS: sessions, dead [, state, session results, partition results, audio — only when the entry
+# names a valid sid of this partition]
+# ARGV: entry_id, sid (raw), reason, maxlen, retention_s, error event (type, sid, text, e),
+#       session_ended event (type, sid, text, e)
+# Rejects one sessions entry atomically: dead letter, XACK + XDEL of the entry, and, when the entry
+# names a valid sid of this partition and no session of that id exists, the session's error and
+# session_ended(rejected) events, a state hash saying so (status failed, reason rejected) and the
+# retention TTL on its keys. A bad entry never writes into a session that exists (live or ended):
+# it merely names it. Idempotent: an entry no longer pending was handled already ('dup').
+REJECT_SESSION: Final = """
+if redis.call('XACK', KEYS[1], 'workers', ARGV[1]) == 0 then
+  redis.call('XDEL', KEYS[1], ARGV[1])
+  return 'dup'
+end
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'sid', ARGV[2], 'reason', ARGV[3],
+  'stream', KEYS[1], 'entry', ARGV[1])
+if #KEYS < 6 or redis.call('EXISTS', KEYS[3]) == 1 then return 'dead' end
+for base = 6, 10, 4 do
+  local fields = {'type', ARGV[base], 'sid', ARGV[base + 1], 'text', ARGV[base + 2], 'e', ARGV[base + 3]}
+  redis.call('XADD', KEYS[4], '*', unpack(fields))
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+end
+redis.call('HSET', KEYS[3], 'status', 'failed', 'reason', 'rejected', 'start_id', ARGV[1],
+  'frames', 0, 'finals', 0, 'committed_seq', -1, 'ended_at', redis.call('TIME')[1])
+local ttl = tonumber(ARGV[5])
+redis.call('EXPIRE', KEYS[3], ttl)
+redis.call('EXPIRE', KEYS[4], ttl)
+-- The audio stream too, even if no frame came yet: later appends keep the TTL.
+if redis.call('EXISTS', KEYS[6]) == 0 then redis.call('XADD', KEYS[6], '*', 'end', '1') end
+redis.call('EXPIRE', KEYS[6], ttl)
+return 'rejected'
+"""
+
+# KEYS: sessions. ARGV: entry_id
+# Retires an entry that is no lease (a duplicate sessions entry of a session that runs).
+RETIRE: Final = """
+redis.call('XACK', KEYS[1], 'workers', ARGV[1])
+return redis.call('XDEL', KEYS[1], ARGV[1])
+"""
+
+# KEYS: sessions
+# Trims what XDEL missed (entries acknowledged by older workers, or by anyone outside the scripts):
+# every entry below the oldest one still pending (a lease) or not yet delivered is done with.
+# Touches nothing unless `workers` is the stream's only group, so another group's entries are safe.
+TRIM_SESSIONS: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups ~= 1 then return 0 end
+local info = {}
+for i = 1, #groups[1] - 1, 2 do info[groups[1][i]] = groups[1][i + 1] end
+if info['name'] ~= 'workers' then return 0 end
+local floor = info['last-delivered-id']
+local pending = redis.call('XPENDING', KEYS[1], 'workers')
+if tonumber(pending[1]) > 0 then
+  floor = pending[2]
+else
+  -- Nothing pending: everything up to the last delivered entry is done; MINID keeps ids >= floor,
+  -- so step just past it (when the sequence part is small enough for Lua's numbers).
+  local ms, sq = string.match(floor, '^(%d+)%-(%d+)$')
+  if ms and #sq < 15 then floor = ms .. '-' .. string.format('%d', tonumber(sq) + 1) end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 """

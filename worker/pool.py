@@ -21,6 +21,7 @@ import structlog
 from redis.exceptions import ResponseError
 
 from producer import protocol as p
+from producer.options import validate_options
 from worker.audio_reader import AudioReader
 from worker.backoff import Backoff
 from worker.config import Settings
@@ -33,6 +34,7 @@ from worker.store import TRANSIENT_REDIS_ERRORS, Fenced, SessionStore, connect_r
 log = structlog.get_logger("voxqueue.worker")
 
 AUTOCLAIM_PAGES_PER_SCAN = 20  # bounds one scan's work; the cursor carries on at the next one
+TRIM_EVERY_SECONDS = 10.0  # sessions streams: XDEL keeps them short, the periodic trim catches the rest
 
 
 @dataclass(slots=True)
@@ -190,11 +192,17 @@ class WorkerPool:
                     await self._start_session_safely(key.decode(), entry_id, fields, how="new")
 
     async def _take_over_expired(self) -> None:
-        """Sessions whose owner stopped renewing (crashed, frozen, released on drain)."""
+        """Sessions whose owner stopped renewing (crashed, frozen, released on drain); also keeps
+        the sessions streams trimmed (what the scripts' XDEL missed, see lua.TRIM_SESSIONS)."""
         backoff = Backoff(0.05, 2.0)
         min_idle = int(self.settings.lease_seconds * 1000)
+        loop = asyncio.get_running_loop()
+        next_trim = loop.time() + TRIM_EVERY_SECONDS
         while True:
             await asyncio.sleep(self.settings.renew_seconds)
+            if loop.time() >= next_trim:
+                next_trim = loop.time() + TRIM_EVERY_SECONDS
+                await self._trim_sessions()
             for key in self.keys.all_sessions():
                 if self.free == 0:
                     break
@@ -203,8 +211,25 @@ class WorkerPool:
                 except TRANSIENT_REDIS_ERRORS as exc:
                     await self._pause_after(backoff, exc)
                     break
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    await self._ensure_session_groups()
+                    continue
                 for entry_id, fields in entries:
                     await self._start_session_safely(key, entry_id, fields, how="takeover")
+
+    async def _trim_sessions(self) -> None:
+        for key in self.keys.all_sessions():
+            try:
+                trimmed = await self.store.trim_sessions(key)
+            except TRANSIENT_REDIS_ERRORS:
+                return  # next time
+            except ResponseError as exc:  # e.g. the group vanished meanwhile: nothing to trim
+                self.log.warning("could not trim a sessions stream", stream=key, error=str(exc)[:200])
+                continue
+            if trimmed:
+                self.log.info("trimmed finished entries from a sessions stream", stream=key, entries=trimmed)
 
     async def _autoclaim(self, key: str, min_idle: int, count: int) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Expired leases of one sessions stream: scans the whole pending list, a page per call
@@ -244,8 +269,9 @@ class WorkerPool:
     async def _start_session_safely(
         self, sessions_key: str, entry_id: bytes, raw: dict[bytes, bytes], how: str
     ) -> None:
-        """One entry's trouble must not cost the rest of a claimed batch: an entry left pending
-        here is simply taken over (by us or another worker) once its lease runs out."""
+        """One entry's trouble must not cost the rest of a claimed batch, nor the claim loop: an
+        entry left pending here is simply taken over (by us or another worker) once its lease runs
+        out. Anything unexpected (a bug, an odd reply) is logged and costs this entry alone."""
         try:
             await self._start_session(sessions_key, entry_id, raw, how)
         except TRANSIENT_REDIS_ERRORS as exc:
@@ -254,25 +280,45 @@ class WorkerPool:
                 entry=entry_id.decode(),
                 error=type(exc).__name__,
             )
+        except Exception as exc:
+            METRICS.bad_entries.labels("internal").inc()
+            self.log.error(
+                "could not start a claimed session; left pending, its lease will expire",
+                entry=entry_id.decode(errors="replace"),
+                error=repr(exc)[:300],
+                exc_info=exc,
+            )
+
+    def _decode_entry(self, sessions_key: str, raw: dict[bytes, bytes]) -> p.SessionStart:
+        """The session an entry announces, fully checked (format, options, labels, partition), or a
+        ProtocolError. Nothing else may escape: hostile input must not crash the claim loops."""
+        try:
+            start = p.SessionStart.from_fields(raw)
+            validate_options(start.options)
+        except p.ProtocolError:
+            raise
+        except Exception as exc:  # a decoding bug: the entry is rejected, the loop goes on
+            self.log.error("session entry could not be decoded", error=repr(exc)[:300], exc_info=exc)
+            raise p.ProtocolError("bad_entry", "the session entry could not be decoded") from None
+        sk = self.keys.session(start.sid)
+        if sk.sessions != sessions_key:
+            raise p.ProtocolError("wrong_partition", f"session {start.sid} belongs in {sk.sessions}")
+        return start
 
     async def _start_session(
         self, sessions_key: str, entry_id: bytes, raw: dict[bytes, bytes], how: str
     ) -> None:
         try:
-            start = p.SessionStart.from_fields(raw)
+            start = self._decode_entry(sessions_key, raw)
         except p.ProtocolError as exc:
             await self._reject_session(sessions_key, entry_id, raw, exc)
             return
         owned = self.owned.get(start.sid)
         if owned is not None:
             if owned.entry_id != entry_id:  # a duplicate entry for a session we run: retire it
-                await self.store.ack_session_entry(sessions_key, entry_id)
+                await self.store.retire_entry(sessions_key, entry_id)
             return  # else our own lease, re-delivered: we are running it already
         sk = self.keys.session(start.sid)
-        if sk.sessions != sessions_key:
-            misplaced = p.ProtocolError("wrong_partition", f"session {start.sid} belongs in {sk.sessions}")
-            await self._reject_session(sessions_key, entry_id, raw, misplaced)
-            return
         try:
             acquired = await self.store.acquire(sk, self.consumer, self.settings.max_takeovers, entry_id)
         except TRANSIENT_REDIS_ERRORS as exc:
@@ -281,16 +327,19 @@ class WorkerPool:
             )
             return
         if acquired.status in ("done", "duplicate"):
+            # ACQUIRE has already acknowledged and deleted the entry.
             if acquired.status == "duplicate":
                 self.log.info("duplicate session entry acknowledged", sid=start.sid, entry=entry_id.decode())
-            await self.store.ack_session_entry(sessions_key, entry_id)
             return
         runner = SessionRunner(self.ctx, start, entry_id, acquired)
         if acquired.status == "poison":
             self.log.error(
-                "session keeps killing workers: failing it", sid=start.sid, takeovers=acquired.takeovers
+                "session keeps killing workers: failing it",
+                sid=start.sid,
+                takeovers=acquired.takeovers,
+                without_progress=acquired.stalled,
             )
-            task = asyncio.create_task(self._fail_poison(runner, acquired.takeovers))
+            task = asyncio.create_task(self._fail_poison(runner, acquired.stalled))
         else:
             task = asyncio.create_task(runner.run(), name=f"session:{start.sid}")
         self.owned[start.sid] = Owned(runner, task, entry_id, sessions_key)
@@ -306,6 +355,9 @@ class WorkerPool:
         )
 
     async def _fail_poison(self, runner: SessionRunner, takeovers: int) -> None:
+        """Ends a crash-looping session. The runner was built from ACQUIRE's poison reply, which
+        carries the session's real commit point, frames and finals: session_ended reports them and
+        FINISH keeps the commit point (it never lowers committed_seq)."""
         await runner.fail_crash_loop(takeovers)
 
     def _session_done(self, sid: str, task: asyncio.Task[None]) -> None:
@@ -323,49 +375,41 @@ class WorkerPool:
     async def _reject_session(
         self, sessions_key: str, entry_id: bytes, raw: dict[bytes, bytes], exc: p.ProtocolError
     ) -> None:
-        """A session entry we cannot run: dead-letter it and tell the producer, if it named a sid."""
+        """A session entry we cannot run: dead-letter it and tell the producer, if it named a sid.
+        One atomic script (lua.REJECT_SESSION): it writes the session's events only when the sid is
+        valid, in this partition and names no existing session (a bad entry never writes into a
+        session it merely names), and acknowledges and deletes the entry."""
         METRICS.bad_entries.labels(exc.code).inc()
         sid_raw = raw.get(b"sid", b"")
-        sid = sid_raw.decode(errors="replace")
+        if not isinstance(sid_raw, bytes):
+            sid_raw = str(sid_raw).encode()
+        reason = f"{exc.code}: {exc}"
         self.log.warning("rejected session entry", entry=entry_id.decode(), code=exc.code, reason=str(exc))
         partition = self.partition_of_stream[sessions_key]
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.xadd(
-            self.keys.dead(partition),
-            {"reason": f"{exc.code}: {exc}", "sid": sid_raw, "stream": sessions_key, "entry": entry_id},
-        )
+        session = None
         try:
+            sid = sid_raw.decode()
             p.validate_sid(sid)
-            sk = self.keys.session(sid)
-            # Tell the producer through the session's results, unless a session of that id exists:
-            # a bad entry must never write into a live session it merely names.
-            if sk.partition == partition and not await self.redis.exists(sk.state):
-                for event in (
-                    standalone_event(sid, p.ERROR, exc.code, code=exc.code, message=str(exc), fatal=True),
-                    standalone_event(
-                        sid,
-                        p.SESSION_ENDED,
-                        "end",
-                        reason=p.END_REJECTED,
-                        frames=0,
-                        audio_seconds=0.0,
-                        finals=0,
-                        detail=str(exc),
-                    ),
-                ):
-                    fields = p.encode_event(event)
-                    pipe.xadd(sk.results, fields)
-                    pipe.xadd(
-                        sk.partition_results, fields, maxlen=self.settings.results_maxlen, approximate=True
-                    )
-                pipe.expire(sk.results, self.settings.retention_seconds)
-                # The audio stream too, even if no frame came yet: later appends keep the TTL.
-                pipe.xadd(sk.audio, p.end_fields())
-                pipe.expire(sk.audio, self.settings.retention_seconds)
-        except p.ProtocolError:
-            pass
-        pipe.xack(sessions_key, p.WORKERS_GROUP, entry_id)
-        await pipe.execute()
+        except (UnicodeDecodeError, p.ProtocolError):
+            sid = ""
+        if sid and self.keys.partition(sid) == partition:
+            error = standalone_event(sid, p.ERROR, exc.code, code=exc.code, message=str(exc), fatal=True)
+            ended = standalone_event(
+                sid,
+                p.SESSION_ENDED,
+                "end",
+                reason=p.END_REJECTED,
+                frames=0,
+                audio_seconds=0.0,
+                finals=0,
+                detail=str(exc),
+            )
+            session = (self.keys.session(sid), error, ended)
+        dead = self.keys.dead(partition)
+        # Bounded copies into the dead letter: the entry itself may be huge (it is deleted).
+        await self.store.reject_session(
+            sessions_key, dead, entry_id, sid_raw[: p.MAX_SID_LENGTH * 4], reason[:1000], session
+        )
 
     # ------------------------------------------------------------------------------ leases
 

@@ -44,13 +44,14 @@ def connect_redis(url: str, *, blocking: bool = False, retries: int = 3) -> aior
 
 @dataclass(frozen=True, slots=True)
 class Acquired:
-    status: str  # ok | done | poison
+    status: str  # ok | done | poison | duplicate
     epoch: int
     committed_seq: int
     committed_id: bytes
     frames: int
     finals: int
-    takeovers: int
+    takeovers: int  # every takeover so far
+    stalled: int = 0  # takeovers in a row without committed progress: the crash-loop count
 
 
 class SessionStore:
@@ -66,6 +67,9 @@ class SessionStore:
         self._renew = redis.register_script(lua.RENEW)
         self._release = redis.register_script(lua.RELEASE)
         self._reject = redis.register_script(lua.REJECT_ENTRY)
+        self._reject_session = redis.register_script(lua.REJECT_SESSION)
+        self._retire = redis.register_script(lua.RETIRE)
+        self._trim = redis.register_script(lua.TRIM_SESSIONS)
 
     # ----------------------------------------------------------------------------- groups
 
@@ -79,9 +83,12 @@ class SessionStore:
     # ----------------------------------------------------------------------------- leases
 
     async def acquire(self, sk: p.SessionKeys, owner: str, max_takeovers: int, entry_id: bytes) -> Acquired:
-        raw = await self._acquire(keys=[sk.state], args=[owner, max_takeovers, now_ms(), entry_id])
-        status, epoch, cseq, cid, frames, finals, takeovers = raw
-        return Acquired(_s(status), int(epoch), int(cseq), _b(cid), int(frames), int(finals), int(takeovers))
+        args = [owner, max_takeovers, now_ms(), entry_id]
+        raw = await self._acquire(keys=[sk.state, sk.sessions], args=args)
+        status, epoch, cseq, cid, frames, finals, takeovers, stalled = raw
+        return Acquired(
+            _s(status), int(epoch), int(cseq), _b(cid), int(frames), int(finals), int(takeovers), int(stalled)
+        )
 
     async def renew(self, sessions_key: str, owner: str, leases: list[tuple[str, bytes, int]]) -> list[int]:
         """leases: (state key, sessions entry id, epoch). Returns indexes of the leases lost."""
@@ -212,8 +219,41 @@ class SessionStore:
         """Audio entries strictly after `after_id` (XRANGE with an exclusive start, Redis >= 6.2)."""
         return await self.redis.xrange(audio_key, min=b"(" + after_id, max="+", count=count)
 
+    # ----------------------------------------------------------------------------- intake
+
+    async def reject_session(
+        self,
+        sessions_key: str,
+        dead_key: str,
+        entry_id: bytes,
+        sid: bytes,
+        reason: str,
+        session: tuple[p.SessionKeys, dict[str, Any], dict[str, Any]] | None,
+    ) -> str:
+        """Rejects a sessions entry in one script (lua.REJECT_SESSION). `session`: the keys of the
+        session the entry names plus its error and session_ended events, when the sid is valid and
+        in this partition; the script writes them only if no session of that id exists. Returns
+        rejected (events written), dead (dead letter only) or dup (handled already)."""
+        keys = [sessions_key, dead_key]
+        args: list[Any] = [entry_id, sid, reason, self.maxlen, self.retention]
+        if session is not None:
+            sk, error, ended = session
+            keys += [sk.state, sk.results, sk.partition_results, sk.audio]
+            for event in (error, ended):
+                fields = p.encode_event(event)
+                args += [fields[p.R_TYPE], fields[p.R_SID], fields[p.R_TEXT], fields[p.R_EVENT]]
+        return _s(await self._reject_session(keys=keys, args=args))
+
+    async def retire_entry(self, sessions_key: str, entry_id: bytes) -> None:
+        """Acknowledges and deletes a sessions entry that is no lease (a duplicate)."""
+        await self._retire(keys=[sessions_key], args=[entry_id])
+
     async def ack_session_entry(self, sessions_key: str, entry_id: bytes) -> None:
-        await self.redis.xack(sessions_key, p.WORKERS_GROUP, entry_id)
+        await self.retire_entry(sessions_key, entry_id)
+
+    async def trim_sessions(self, sessions_key: str) -> int:
+        """Drops entries below the oldest pending or undelivered one (lua.TRIM_SESSIONS)."""
+        return int(await self._trim(keys=[sessions_key]))
 
 
 def _s(value: Any) -> str:
