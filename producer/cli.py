@@ -450,11 +450,18 @@ def replay(
 
 
 async def find_session_start(client: aioredis.Redis, keys: Keys, sid: str) -> SessionStart | None:
-    """The session's `sessions` entry: via the `start_id` the worker keeps in the state hash if it
-    is there, else by scanning the partition's sessions stream page by page; if the entry is gone
-    (trimmed), the `options` the state hash may keep, with the default audio format."""
+    """The session's start: from the state hash, where a worker copies the entry's format, options
+    and labels when the session ends (ended sessions' entries are deleted from the sessions
+    stream); for a session still running, its `sessions` entry (via the `start_id` in the state
+    hash, else by scanning the partition's sessions stream page by page)."""
     skeys = keys.session(sid)
     state = await client.hgetall(skeys.state)  # type: ignore[misc]
+    kept = {name: state[name] for name in STATE_START_FIELDS if name in state}
+    if kept:
+        try:
+            return SessionStart.from_fields({b"sid": sid.encode(), **kept})
+        except ProtocolError:
+            return None
     start_id = state.get(b"start_id")
     if start_id:
         entries = await client.xrange(skeys.sessions, start_id, start_id, count=1)
@@ -471,12 +478,11 @@ async def find_session_start(client: aioredis.Redis, keys: Keys, sid: str) -> Se
             break
         last = entries[-1][0]
         cursor = "(" + (last.decode() if isinstance(last, bytes) else str(last))
-    if b"options" in state:
-        try:
-            return SessionStart.from_fields({b"sid": sid.encode(), b"options": state[b"options"]})
-        except ProtocolError:
-            return None
     return None
+
+
+# What FINISH copies from the session's entry into its state hash (worker/lua.py).
+STATE_START_FIELDS = (b"encoding", b"sample_rate", b"channels", b"frame_ms", b"options", b"labels")
 
 
 def _matching_start(entries: list[Any], sid: str) -> SessionStart | None:

@@ -361,3 +361,29 @@ def test_existing_session_id_refused(redis_server: RedisServer, tmp_path: Path) 
     assert again.exit_code == 2 and "session dup already exists" in again.stderr
     same = run(redis_server, "replay", "dup", "--session", "dup")
     assert same.exit_code == 2 and "must differ" in same.stderr
+
+
+def test_replay_of_an_ended_session_keeps_its_format(redis_server: RedisServer, r: redis.Redis) -> None:
+    """Workers delete an ended session's `sessions` entry and copy its format, options and labels
+    into the state hash: replay must take the format from there, not fall back to the default."""
+    keys = Keys()
+    sk = keys.session("narrow")
+    for seq in range(3):
+        r.xadd(sk.audio, {"seq": str(seq), "pcm": bytes([seq + 1]) * 320})  # 8 kHz: 320-byte frames
+    r.xadd(sk.audio, {"end": "1"})
+    r.hset(
+        sk.state,
+        mapping={
+            "status": "ended",
+            "encoding": "linear16",
+            "sample_rate": "8000",
+            "channels": "1",
+            "frame_ms": "20",
+            "options": '{"model":"nova-2"}',
+            "labels": '{"team":"a"}',
+        },
+    )
+    assert run(redis_server, "replay", "narrow", "--speed", "0", "--session", "wide").exit_code == 0
+    ((_, entry),) = r.xrange(keys.sessions(0))
+    assert (entry[b"sample_rate"], json.loads(entry[b"options"])) == (b"8000", {"model": "nova-2"})
+    assert [len(f[b"pcm"]) for f in audio_frames(r, keys, "wide") if b"pcm" in f] == [320, 320, 320]
