@@ -31,7 +31,7 @@ DEFAULT_STATE_CHECK_SECONDS = 2.0
 
 
 class SessionLost(ProducerError):
-    """The session vanished from Redis before it ended: no `session_ended` will come for it.
+    """The session vanished from Redis before it ended: what it published is no longer complete.
 
     Redis restarted without persistence or evicted the session's keys (a `maxmemory-policy` other
     than `noeviction`). Run Redis with persistence (AOF) and `maxmemory-policy noeviction`.
