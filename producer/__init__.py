@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from producer.client import Producer, ProducerSession, connect
     from producer.pacing import Pacer
     from producer.protocol import AudioFormat, Keys
-    from producer.transcripts import follow_all, follow_session
+    from producer.transcripts import SessionLost, follow_all, follow_session
 
 _EXPORTS = {
     "AudioFileError": "producer.audio",
@@ -31,6 +31,7 @@ _EXPORTS = {
     "Pacer": "producer.pacing",
     "AudioFormat": "producer.protocol",
     "Keys": "producer.protocol",
+    "SessionLost": "producer.transcripts",
     "follow_all": "producer.transcripts",
     "follow_session": "producer.transcripts",
 }
@@ -45,6 +46,7 @@ __all__ = [
     "ProducerError",
     "ProducerSession",
     "SessionFailed",
+    "SessionLost",
     "connect",
     "follow_all",
     "follow_session",

@@ -35,7 +35,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.aio import cancel_and_wait, raise_if_cancelling
-from producer.resp import pack_xadd
+from producer.resp import bulk, pack_xadd
 
 # Plain stdlib logging, not structlog: this is a library embedded in other people's backends, and
 # unconfigured structlog prints to stdout (which `voxqueue produce` reserves for the session id).
@@ -68,13 +68,21 @@ class CommandOwner(Protocol):
 
 @dataclass(slots=True)
 class Command:
-    """One XADD: stream key and flat field/value list, plus who to blame if Redis refuses it."""
+    """One XADD: stream key and flat field/value list, plus who to blame if Redis refuses it.
+    With `packed` set, that RESP command is sent instead (the audio TTL's EXPIRE)."""
 
     key: str
     fields: dict[str, bytes | str]
     owner: CommandOwner | None = None
     frames: int = 0  # 1 for an audio frame; counts toward backpressure and stats
     size: int = 0  # payload bytes, for stats
+    packed: bytes = b""
+
+
+def expire_command(key: str, seconds: int, owner: CommandOwner | None = None) -> Command:
+    """`EXPIRE key seconds`, packed once: a session re-queues the same command to refresh its TTL."""
+    packed = b"*3\r\n$6\r\nEXPIRE\r\n" + bulk(key.encode()) + bulk(b"%d" % seconds)
+    return Command(key, {}, owner, packed=packed)
 
 
 @dataclass
@@ -83,6 +91,7 @@ class BatcherStats:
 
     flushes: int = 0  # pipeline executions = Redis round trips
     commands: int = 0  # XADDs stored
+    expires: int = 0  # audio TTLs set or refreshed (EXPIRE, in the same pipelines)
     frames: int = 0  # audio frames stored
     bytes: int = 0  # audio payload stored
     max_batch: int = 0  # most commands in one pipeline
@@ -267,7 +276,7 @@ class Batcher:
         contexts and callbacks, more than everything else the producer does per frame; an XADD of
         a frame has a fixed shape, so it is packed straight into RESP here (see pack_xadd).
         """
-        payload = b"".join([pack_xadd(c.key, c.fields) for c in commands])
+        payload = b"".join([c.packed or pack_xadd(c.key, c.fields) for c in commands])
         pool = self.redis.connection_pool
         conn = await pool.get_connection()
         replies: list[object] = []
@@ -289,9 +298,13 @@ class Batcher:
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, Exception):
                 self.stats.errors += 1
-                log.error("Redis refused XADD to %s: %s", command.key, reply)
+                what = "EXPIRE of" if command.packed else "XADD to"
+                log.error("Redis refused %s %s: %s", what, command.key, reply)
                 if command.owner is not None and command.owner.failure is None:
-                    command.owner.fail(SessionFailed(f"Redis refused XADD to {command.key}: {reply}"))
+                    command.owner.fail(SessionFailed(f"Redis refused {what} {command.key}: {reply}"))
+                continue
+            if command.packed:
+                self.stats.expires += 1
                 continue
             self.stats.commands += 1
             self.stats.frames += command.frames

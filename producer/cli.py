@@ -295,22 +295,25 @@ async def _stream_and_follow(
     as_json: bool,
 ) -> None:
     view = TranscriptView(as_json) if follow else None
-    follower: asyncio.Task[None] | None = None
-    if view is not None:
-        follower = asyncio.create_task(_follow(producer.redis, producer.keys, session.sid, view))
-    try:
+    if view is None:
         frames = await send_paced(session, pcm, speed)
-        if view is None:
-            seconds = frames * session.format.frame_seconds
-            click.echo(f"sent {frames} frames ({seconds:.2f} s of audio)", err=True)
-            return
-        assert follower is not None
+        seconds = frames * session.format.frame_seconds
+        click.echo(f"sent {frames} frames ({seconds:.2f} s of audio)", err=True)
+        return
+    follower = asyncio.create_task(_follow(producer.redis, producer.keys, session.sid, view))
+    sender = asyncio.create_task(send_paced(session, pcm, speed))
+    try:
+        # A follower that fails while the audio is still going out (Redis lost the session) ends
+        # the command at once: sending the rest would only feed a session nobody will transcribe.
+        await asyncio.wait([sender, follower], return_when=asyncio.FIRST_COMPLETED)
+        if follower.done() and follower.exception() is not None:
+            await follower
+        await sender
         await follower
     finally:
-        if follower is not None:
-            await cancel_and_wait(follower)
-        if view is not None:
-            view.close()
+        await cancel_and_wait(sender)
+        await cancel_and_wait(follower)
+        view.close()
     if view.ended is not None and view.ended.get("reason") != END_COMPLETED:
         raise RuntimeFailure(f"session {session.sid} ended: {view.ended.get('reason')}")
 

@@ -33,11 +33,19 @@ Retries: clients built from a URL retry connection errors with bounded exponenti
 retried pipeline can store a frame (or the session entry) twice; the worker drops frames whose seq
 it has already seen. Audio streams are never trimmed here (no MAXLEN): the worker needs every
 unacknowledged frame, and it applies the retention TTL when the session ends.
+
+Audio TTL: a session's audio stream must expire even if no worker ever ends the session (Redis lost
+it in an empty restart or an eviction, or no worker ran). So a session's first frames carry an
+`EXPIRE audio audio_ttl` in the same pipeline, refreshed with later frames at most once per
+`AUDIO_TTL_REFRESH_SECONDS` (and with the end marker): one extra command per session every few
+seconds, nothing per frame but a clock read per `send()`. The worker's retention TTL replaces it
+when the session ends.
 """
 
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Self
@@ -59,6 +67,7 @@ from producer.batcher import (
     ProducerConnectionError,
     ProducerError,
     SessionFailed,
+    expire_command,
     wait,
 )
 from producer.options import validate_options
@@ -72,16 +81,27 @@ from producer.protocol import (
     frame_fields,
     validate_sid,
 )
+from producer.transcripts import SessionLost
 
 __all__ = [
+    "DEFAULT_AUDIO_TTL",
     "Producer",
     "ProducerConnectionError",
     "ProducerError",
     "ProducerSession",
     "SessionFailed",
+    "SessionLost",
     "connect",
     "redact_url",
 ]
+
+# TTL of a session's audio stream while the producer writes it: as long as the worker's default
+# retention, so it outlives any session and any wait for a worker; the worker sets the retention
+# TTL itself when the session ends.
+DEFAULT_AUDIO_TTL = 86_400
+# How often a sending session refreshes that TTL at most: it also bounds how long a stream
+# re-created by a frame after Redis lost it (XADD makes a key with no TTL) stays without one.
+AUDIO_TTL_REFRESH_SECONDS = 5.0
 
 
 def connect(url: str, *, retries: int = 3, **kwargs: Any) -> aioredis.Redis:
@@ -138,6 +158,9 @@ class Producer:
     `redis` is a `redis.asyncio.Redis` (used as configured, not closed by us) or a URL (a client
     from `connect()`, closed by `aclose()`). One Producer per process and event loop is the
     intended use: batching only helps across the sessions that share it.
+
+    `audio_ttl` (seconds) is the TTL each session's audio stream gets with its first frames and
+    keeps while frames arrive (refreshed at most every 5 s, or a third of the TTL if shorter).
     """
 
     def __init__(
@@ -149,9 +172,14 @@ class Producer:
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
         max_batch: int = 1000,
         max_pending_frames: int = 50_000,
+        audio_ttl: int = DEFAULT_AUDIO_TTL,
     ) -> None:
         if partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if audio_ttl < 1:
+            raise ValueError("audio_ttl must be >= 1 second")
+        self.audio_ttl = audio_ttl
+        self.audio_ttl_refresh = min(AUDIO_TTL_REFRESH_SECONDS, audio_ttl / 3)
         if isinstance(redis, str):
             self.url: str | None = redis
             self.redis = connect(redis)
@@ -248,6 +276,9 @@ class ProducerSession:
         self.ended = False
         self._chunker = FrameChunker(format.frame_bytes)
         self._batcher = producer._batcher
+        self._expire = expire_command(keys.audio, producer.audio_ttl, self)
+        self._expire_every = producer.audio_ttl_refresh
+        self._expire_due = 0.0  # the first frames set the TTL (the stream exists only then)
 
     @property
     def sid(self) -> str:
@@ -301,6 +332,7 @@ class ProducerSession:
             commands.append(self._frame_command(last.seq, last.pcm))
         self.ended = True
         commands.append(Command(self.keys.audio, dict(end_fields(self.frames_sent)), self))
+        self._expire_due = 0.0  # a full TTL from the end, in case no worker ever finishes it
         await self._submit(commands, True)
         return self.frames_sent
 
@@ -330,6 +362,11 @@ class ProducerSession:
     async def _submit(self, commands: list[Command], wait_for_flush: bool) -> None:
         if not commands:
             return
+        now = time.monotonic()
+        if now >= self._expire_due:
+            # After the frames: EXPIRE on a key that does not exist yet would do nothing.
+            commands.append(self._expire)
+            self._expire_due = now + self._expire_every
         done = self._batcher.submit(commands)
         if wait_for_flush or self._batcher.over_limit:
             await wait(done)

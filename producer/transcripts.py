@@ -8,12 +8,14 @@ consumers that need at-least-once processing use their own consumer group on `vq
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from producer.aio import raise_if_cancelling
+from producer.batcher import ProducerError
 from producer.protocol import SESSION_ENDED, Keys, ProtocolError, decode_event
 
 # Plain stdlib logging, not structlog: this is a library embedded in other people's backends, and
@@ -23,6 +25,61 @@ log = logging.getLogger("voxqueue.producer")
 # Shorter than redis-py's default socket timeout (5 s) so a blocking read never looks like a
 # dead connection; an idle reader costs one round trip per block.
 DEFAULT_BLOCK_MS = 2000
+# How often an idle session reader looks at the session's state hash (one HMGET), to notice a
+# session Redis lost instead of waiting for its events forever.
+DEFAULT_STATE_CHECK_SECONDS = 2.0
+
+
+class SessionLost(ProducerError):
+    """The session vanished from Redis before it ended: what it published is no longer complete.
+
+    Redis restarted without persistence or evicted the session's keys (a `maxmemory-policy` other
+    than `noeviction`). Run Redis with persistence (AOF) and `maxmemory-policy noeviction`.
+    """
+
+
+class _LossWatch:
+    """Decides, from the state hash, whether a session a reader follows is lost or not there yet.
+
+    Lost: the state hash is missing although the session was seen (its state, or any of its
+    events: a worker only publishes for a session whose state exists, and the one exception, a
+    rejected session entry, ends at once with `session_ended`), or the state was re-created (another
+    `started_at`: a worker took over an entry whose state had been evicted). A session nobody has
+    claimed yet has no state hash either: that is waiting, so a reader may start before the
+    producer does.
+    """
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, sid: str, every: float) -> None:
+        self.redis, self.sid, self.state = redis, sid, keys.session(sid).state
+        self.every = every
+        self.started_at: Any = None  # bytes, or str from a client with decode_responses
+        self.state_seen = False
+        self.events_read = False
+        self.next_check = 0.0
+
+    async def check(self) -> None:
+        """Called before the first read, then only when the reader is idle (no unread events), at
+        most once per `every`: a session_ended still to be read can never be taken for a loss."""
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + self.every
+        epoch, started_at = await self.redis.hmget(self.state, ["epoch", "started_at"])  # type: ignore[misc]
+        if epoch is not None:  # every worker-written state has an epoch
+            if self.started_at is not None and started_at is not None and started_at != self.started_at:
+                raise self._lost("its state was deleted and re-created")
+            self.started_at = started_at or self.started_at
+            self.state_seen = True
+            return
+        if self.state_seen or self.events_read:
+            raise self._lost("its state vanished")
+
+    def _lost(self, what: str) -> SessionLost:
+        return SessionLost(
+            f"session {self.sid} was lost by Redis before it ended: {what} (Redis restarted "
+            "without persistence, or evicted the key). Check that Redis runs with persistence "
+            "(appendonly yes) and maxmemory-policy noeviction."
+        )
 
 
 async def follow_session(
@@ -32,10 +89,17 @@ async def follow_session(
     from_id: str = "0",
     *,
     block_ms: int = DEFAULT_BLOCK_MS,
+    state_check_seconds: float = DEFAULT_STATE_CHECK_SECONDS,
 ) -> AsyncIterator[dict[str, Any]]:
     """Events of session `sid` after stream id `from_id` ("0" = from its first event, "$" = from
-    now), ending after its `session_ended` event."""
-    async for _, event in read_events(redis, [keys.session(sid).results], from_id, block_ms=block_ms):
+    now), ending after its `session_ended` event.
+
+    Raises `SessionLost` when Redis loses the session before it ended (see `_LossWatch`); while
+    idle it checks the session's state hash at most every `state_check_seconds`."""
+    watch = _LossWatch(redis, keys, sid, state_check_seconds)
+    stream = keys.session(sid).results
+    async for _, event in read_events(redis, [stream], from_id, block_ms=block_ms, on_idle=watch.check):
+        watch.events_read = True
         yield event
         if event.get("type") == SESSION_ENDED and event.get("sid") == sid:
             return
@@ -60,12 +124,17 @@ async def read_events(
     *,
     block_ms: int = DEFAULT_BLOCK_MS,
     count: int = 200,
+    on_idle: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """(stream, event) for every decodable entry of `streams` after `from_id`, in one blocking
     XREAD over all of them. Entries that are not valid events are logged and skipped: one bad
-    writer must not stop a reader."""
+    writer must not stop a reader. `on_idle` is awaited before each read, and after every read that
+    found nothing new (so it may raise to end the reader)."""
     cursors = {stream: await _resolve(redis, stream, from_id) for stream in streams}
+    reply: Any = None
     while True:
+        if on_idle is not None and not reply:
+            await on_idle()
         reply = await redis.xread(cursors, count=count, block=block_ms)  # type: ignore[arg-type]
         raise_if_cancelling()  # see producer.aio: redis-py on 3.11 can swallow a cancellation
         for raw_stream, entries in reply or []:

@@ -17,6 +17,11 @@ class Metrics:
         self.sessions_claimed = Counter("voxqueue_sessions_claimed", "Sessions claimed", ["how"], registry=r)
         self.sessions_ended = Counter("voxqueue_sessions_ended", "Sessions ended", ["reason"], registry=r)
         self.sessions_lost = Counter("voxqueue_sessions_lost", "Sessions lost to another worker", registry=r)
+        self.sessions_state_lost = Counter(
+            "voxqueue_sessions_state_lost",
+            "Sessions dropped: their state vanished from Redis (restart without persistence, eviction)",
+            registry=r,
+        )
         self.frames_sent = Counter("voxqueue_frames_sent", "Frames sent to Deepgram", registry=r)
         self.finals = Counter("voxqueue_finals_published", "Final transcripts published", registry=r)
         self.connections = Counter("voxqueue_deepgram_connections", "Deepgram connections opened", registry=r)

@@ -29,7 +29,7 @@ from worker.deepgram_link import DeepgramLink
 from worker.events import standalone_event
 from worker.metrics import METRICS
 from worker.session_runner import SessionRunner, WorkerContext
-from worker.store import TRANSIENT_REDIS_ERRORS, Fenced, SessionStore, connect_redis
+from worker.store import TRANSIENT_REDIS_ERRORS, Fenced, SessionStore, StateLost, connect_redis
 
 log = structlog.get_logger("voxqueue.worker")
 
@@ -366,11 +366,39 @@ class WorkerPool:
         if task.cancelled():
             return
         exc = task.exception()
-        if isinstance(exc, Fenced):
+        if isinstance(exc, StateLost):
+            self._state_lost(sid)
+        elif isinstance(exc, Fenced):
             METRICS.sessions_lost.inc()
             self.log.warning("lost the session to another worker; dropped it without writing", sid=sid)
         elif exc is not None:
             self.log.error("session crashed", sid=sid, error=repr(exc), exc_info=exc)
+
+    def _state_lost(self, sid: str) -> None:
+        # Nothing can be written for this session any more (every fenced script refuses a missing
+        # state), so it is dropped as it is; readers following it are told by their own check of
+        # the state hash (producer.transcripts.SessionLost). Its lease entry, if it survived (an
+        # eviction, not an empty restart), stays pending: once the lease runs out a worker takes it
+        # over, finds no state and runs it again from the first frame still in Redis (its finals
+        # then repeat, with the same event ids), rather than leaving it without a session_ended.
+        METRICS.sessions_state_lost.inc()
+        self.log.error(
+            "session state vanished from Redis (restarted without persistence, or evicted); "
+            "dropped it without writing",
+            sid=sid,
+        )
+
+    async def _lease_lost(self, sid: str) -> None:
+        """Says why a renewal failed: the state hash gone, or another owner (one EXISTS, rare)."""
+        try:
+            vanished = not await self.store.state_exists(self.keys.session(sid))
+        except TRANSIENT_REDIS_ERRORS:
+            vanished = False
+        if vanished:
+            self._state_lost(sid)
+        else:
+            self.log.warning("lease lost: stopping the session without writing", sid=sid)
+            METRICS.sessions_lost.inc()
 
     async def _reject_session(
         self, sessions_key: str, entry_id: bytes, raw: dict[bytes, bytes], exc: p.ProtocolError
@@ -431,9 +459,8 @@ class WorkerPool:
                 for index in lost:
                     sid, owned = items[index]
                     if self.owned.get(sid) is owned and not owned.task.done():
-                        self.log.warning("lease lost: stopping the session without writing", sid=sid)
-                        METRICS.sessions_lost.inc()
                         owned.task.cancel()
+                        await self._lease_lost(sid)
 
     # ------------------------------------------------------------------------------ drain
 

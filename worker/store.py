@@ -29,6 +29,12 @@ class Fenced(Exception):
     """This worker no longer owns the session: another took it over (or it was released)."""
 
 
+class StateLost(Fenced):
+    """The session's state hash is gone from Redis (restarted without persistence, or the key was
+    evicted): not a takeover, and no worker can publish for the session any more, since every
+    fenced script compares against an epoch that no longer exists."""
+
+
 def connect_redis(url: str, *, blocking: bool = False, retries: int = 3) -> aioredis.Redis:
     """A client that rides out short blips itself; longer outages surface to our own retry loops."""
     return aioredis.Redis.from_url(
@@ -123,18 +129,20 @@ class SessionStore:
         ]
         result = _s(await self._commit(keys=[sk.state, sk.results, sk.partition_results], args=args))
         if result == "fenced":
-            raise Fenced(sk.sid)
+            raise await self.fenced(sk)
         if result == "stale":
             raise StaleCommitPoint(sk.sid)
         return result
 
     async def commit_point(self, sk: p.SessionKeys, epoch: int) -> tuple[int, bytes, int]:
         """The session's commit point as Redis has it, and its count of published finals (fenced:
-        raises if the session moved on)."""
+        raises if the session moved on, StateLost if its state vanished)."""
         epoch_now, seq, entry, finals = await self.redis.hmget(
             sk.state, ["epoch", "committed_seq", "committed_id", "finals"]
         )
-        if epoch_now is None or int(epoch_now) != epoch:
+        if epoch_now is None:
+            raise await self.fenced(sk)
+        if int(epoch_now) != epoch:
             raise Fenced(sk.sid)
         return int(seq or -1), entry or b"0-0", int(finals or 0)
 
@@ -151,7 +159,7 @@ class SessionStore:
         ]
         result = _s(await self._publish(keys=[sk.state, sk.results, sk.partition_results], args=args))
         if result == "fenced":
-            raise Fenced(sk.sid)
+            raise await self.fenced(sk)
         return result
 
     async def reject_entry(
@@ -173,7 +181,7 @@ class SessionStore:
         ]
         result = _s(await self._reject(keys=[sk.state, sk.results, sk.partition_results, sk.dead], args=args))
         if result == "fenced":
-            raise Fenced(sk.sid)
+            raise await self.fenced(sk)
         return result
 
     async def finish(
@@ -208,8 +216,21 @@ class SessionStore:
         keys = [sk.state, sk.results, sk.partition_results, sk.audio, sk.sessions, sk.dead]
         result = _s(await self._finish(keys=keys, args=args))
         if result == "fenced":
-            raise Fenced(sk.sid)
+            raise await self.fenced(sk)
         return result
+
+    # ----------------------------------------------------------------------------- fencing
+
+    async def state_exists(self, sk: p.SessionKeys) -> bool:
+        return bool(await self.redis.exists(sk.state))
+
+    async def fenced(self, sk: p.SessionKeys) -> Fenced:
+        """What a 'fenced' reply means: the scripts cannot tell a missing state hash from another
+        owner's epoch, so look once (only on this rare path). A state that reappeared meanwhile
+        was re-created by a new owner: a takeover, which Fenced describes."""
+        if await self.state_exists(sk):
+            return Fenced(sk.sid)
+        return StateLost(sk.sid)
 
     # ----------------------------------------------------------------------------- reading
 
