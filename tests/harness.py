@@ -190,6 +190,7 @@ class Rig:
     producer: Producer
     emulator: EmulatorServer
     pool: WorkerPool
+    task: asyncio.Task[None]  # the pool's run()
 
 
 @contextlib.asynccontextmanager
@@ -209,7 +210,7 @@ async def rig(**settings: Any) -> AsyncIterator[Rig]:
             redis = aioredis.Redis.from_url(server.url)
             producer = Producer(redis)
             try:
-                yield Rig(redis, producer, emulator, pool)
+                yield Rig(redis, producer, emulator, pool, task)
             finally:
                 try:
                     await stop_pool(pool, task)
