@@ -502,6 +502,7 @@ class WorkerPool:
                 "session did not stop when cancelled: not releasing it; its lease will expire",
                 sid=sid,
                 lease_seconds=self.settings.lease_seconds,
+                where=_where(owned.task),
             )
             return "stuck"
         release = asyncio.ensure_future(
@@ -531,3 +532,11 @@ async def _settled(tasks: Sequence[asyncio.Future[Any]], seconds: float) -> bool
         return True
     _, pending = await asyncio.wait(tasks, timeout=seconds)
     return not pending
+
+
+def _where(task: asyncio.Task[Any]) -> list[str]:
+    """Where a task is suspended, innermost last (file:line function), for a stuck task's log."""
+    return [
+        f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {frame.f_code.co_name}"
+        for frame in task.get_stack(limit=None)
+    ][-6:]
