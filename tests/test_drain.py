@@ -98,17 +98,48 @@ async def test_sigterm_hands_100_busy_sessions_over_within_a_second(tmp_path: Pa
         stack.stop()
 
 
-def _stubborn_run(let_go: asyncio.Event, cancels: list[int]) -> Callable[[SessionRunner], Awaitable[None]]:
+def _stubborn_run(
+    let_go: asyncio.Event, cancels: list[int], swallow: int = 1_000_000
+) -> Callable[[SessionRunner], Awaitable[None]]:
     async def run(self: SessionRunner) -> None:
-        # A session task that swallows every cancellation, as one can when the cancel lands
-        # inside asyncio.wait_for (CPython gh-86296): it only stops when the test lets it.
+        # A session task that swallows its first `swallow` cancellations, as one does when the
+        # cancel lands inside asyncio.wait_for (CPython gh-86296): it then just goes on.
         while not let_go.is_set():
             try:
                 await let_go.wait()
             except asyncio.CancelledError:
                 cancels.append(1)
+                if len(cancels) > swallow:
+                    raise
 
     return run
+
+
+async def _claimed(r: harness.Rig, sid: str) -> None:
+    deadline = time.monotonic() + 10
+    while sid not in r.pool.owned or not await r.redis.hget(KEYS.session(sid).state, "owner"):
+        assert time.monotonic() < deadline, "the worker never claimed the session"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_lost_cancellation_is_repeated_and_the_session_still_handed_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    let_go, cancels = asyncio.Event(), list[int]()
+    monkeypatch.setattr(SessionRunner, "run", _stubborn_run(let_go, cancels, swallow=1))
+    async with rig(lease_seconds=30, renew_seconds=1) as r:
+        try:
+            await r.producer.open_session(sid="deaf-once")
+            await _claimed(r, "deaf-once")
+            r.pool.stop_requested.set()
+            done, _ = await asyncio.wait([r.task], timeout=SESSION_STOP_SECONDS + 5)
+            assert done, "the worker did not stop"
+            assert len(cancels) == 2  # the first was lost; the drain cancelled it again
+            state = await r.redis.hgetall(KEYS.session("deaf-once").state)
+            assert state.get(b"released") == b"1", "a session that did stop must be released"
+            assert r.pool.unstopped == []
+        finally:
+            let_go.set()
 
 
 async def test_a_session_that_ignores_cancel_keeps_its_lease_and_the_worker_still_stops(
@@ -119,10 +150,7 @@ async def test_a_session_that_ignores_cancel_keeps_its_lease_and_the_worker_stil
     async with rig() as r:
         try:
             await r.producer.open_session(sid="stuck")
-            deadline = time.monotonic() + 10
-            while "stuck" not in r.pool.owned:
-                assert time.monotonic() < deadline, "the worker never claimed the session"
-                await asyncio.sleep(0.02)
+            await _claimed(r, "stuck")
             stopping = time.monotonic()
             r.pool.stop_requested.set()
             done, _ = await asyncio.wait([r.task], timeout=4 * SESSION_STOP_SECONDS + 5)
@@ -184,10 +212,7 @@ async def test_a_drained_in_process_session_is_released_not_left_to_expire() -> 
         session = await r.producer.open_session(sid="live")
         for n in range(20):
             await session.send_frame(marker_frame(n))
-        deadline = time.monotonic() + 10
-        while "live" not in r.pool.owned or not await r.redis.hget(KEYS.session("live").state, "owner"):
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.02)
+        await _claimed(r, "live")
         epoch = int(await r.redis.hget(KEYS.session("live").state, "epoch"))
         r.pool.stop_requested.set()
         done, _ = await asyncio.wait([r.task], timeout=10)

@@ -39,6 +39,7 @@ SESSION_STOP_SECONDS = 3.0
 RELEASE_SECONDS = 3.0  # one RELEASE script call
 TEARDOWN_SECONDS = 5.0  # background loops after cancel()
 CLIENT_CLOSE_SECONDS = 2.0
+RECANCEL_SECONDS = 1.0  # a task not stopped this long after cancel() is cancelled again
 DRAIN_RESCAN_SECONDS = 0.2  # how often the drain looks for a session the claim loop just started
 
 
@@ -117,17 +118,12 @@ class WorkerPool:
     async def _teardown(self, background: list[asyncio.Task[None]]) -> None:
         """Every wait here is bounded, so the worker always gets to exit: a task that swallows its
         cancellation (CPython gh-86296, inside redis-py's wait_for) must not hold the process."""
-        for task in background:
-            task.cancel()
-        if not await _settled(background, TEARDOWN_SECONDS):
+        if not await _stop(background, TEARDOWN_SECONDS):
             stuck = [t.get_name() for t in background if not t.done()]
             self.log.error("background loops did not stop when cancelled", loops=stuck)
         # Sessions that outlived the drain (a second signal, or a task that ignored cancel()):
         # cancel once more, wait briefly, and report what is left. Their leases are not released.
-        left = [o.task for o in self.owned.values() if not o.task.done()]
-        for task in left:
-            task.cancel()
-        await _settled(left, SESSION_STOP_SECONDS)
+        await _stop([o.task for o in self.owned.values()], SESSION_STOP_SECONDS)
         self.unstopped = [sid for sid, o in self.owned.items() if not o.task.done()]
         if self.unstopped:
             self.log.error(
@@ -460,10 +456,7 @@ class WorkerPool:
                 )
         finally:
             hard.cancel()
-            unfinished = [t for t in handlers.values() if not t.done()]
-            for task in unfinished:
-                task.cancel()
-            await _settled(unfinished, SESSION_STOP_SECONDS)
+            await _stop(list(handlers.values()), SESSION_STOP_SECONDS)
         outcomes: dict[str, int] = {}
         for sid, task in handlers.items():
             if not task.done() or task.cancelled():
@@ -494,10 +487,9 @@ class WorkerPool:
         """Stops one session (closing its Deepgram link), then releases its lease, but only once
         its task has really stopped: a task still running might still write, and although fencing
         would stop those writes, releasing would let a new owner start while it runs."""
-        owned.task.cancel()
         # Never `await task` unbounded: a cancellation can be lost inside asyncio.wait_for
         # (CPython gh-86296), which redis-py puts around every command.
-        if not await _settled([owned.task], SESSION_STOP_SECONDS):
+        if not await _stop([owned.task], SESSION_STOP_SECONDS):
             self.log.error(
                 "session did not stop when cancelled: not releasing it; its lease will expire",
                 sid=sid,
@@ -532,6 +524,29 @@ async def _settled(tasks: Sequence[asyncio.Future[Any]], seconds: float) -> bool
         return True
     _, pending = await asyncio.wait(tasks, timeout=seconds)
     return not pending
+
+
+async def _stop(tasks: Sequence[asyncio.Task[Any]], seconds: float) -> bool:
+    """Cancels the tasks and waits at most `seconds` for them to finish; True if all did.
+
+    A task still running after RECANCEL_SECONDS is cancelled again: a cancellation can be lost
+    (CPython gh-86296: asyncio.wait_for returns the inner result when both arrive together, and
+    redis-py waits that way), and the task then simply goes on. Re-cancelling only after a pause
+    leaves a task that did see its cancellation the time to clean up undisturbed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    pending = [t for t in tasks if not t.done()]
+    for task in pending:
+        task.cancel()
+    while pending:
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        _, still = await asyncio.wait(pending, timeout=min(RECANCEL_SECONDS, left))
+        pending = list(still)
+        for task in pending:
+            task.cancel()
+    return True
 
 
 def _where(task: asyncio.Task[Any]) -> list[str]:
