@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,16 +89,29 @@ async def test_sigterm_hands_100_busy_sessions_over_within_a_second(tmp_path: Pa
             assert_perfect(await check_marker_session(redis, KEYS, sid, FRAMES), FRAMES)
         assert await sessions_pending(redis, KEYS) == 0
         p99 = handover[int(len(handover) * 0.99) - 1]
+        drained = _log_event(stack.worker_log("h1"), "drained")
+        released_in = datetime.fromisoformat(drained["timestamp"]).timestamp() - term_at
         print(
             f"CHAOS drain handover sessions={len(handover)} median={statistics.median(handover):.2f}s "
-            f"p99={p99:.2f}s max={handover[-1]:.2f}s worker_exit={code}"
+            f"p99={p99:.2f}s max={handover[-1]:.2f}s; all released {released_in:.2f}s after SIGTERM "
+            f"(handed={drained.get('handed')} stuck={drained.get('stuck', 0)}) worker_exit={code}"
         )
         assert code == 0
+        assert drained.get("handed") == SESSIONS, drained  # every lease released, none left to expire
         # With a 30 s lease, any session that went through lease expiry took >= 30 s.
         assert handover[-1] < 5, f"slowest hand-over {handover[-1]:.2f}s: not released on drain"
     finally:
         await harness.bounded(redis.aclose(), 5, "closing the redis client")
         stack.stop()
+
+
+def _log_event(log: str, event: str) -> dict[str, Any]:
+    for line in log.splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("event") == event:
+                return dict(record)
+    raise AssertionError(f"no {event!r} line in the worker log")
 
 
 def _stubborn_run(
