@@ -3,8 +3,8 @@
 Also a watchdog that keeps the suite from ever hanging. pytest-timeout's timer fires once per
 test: after it has failed a test, a teardown that then hangs (an async fixture waiting for a
 worker, pytest-asyncio's loop teardown gathering a task that swallows its cancellation) is not
-bounded by anything. The watchdog is faulthandler's C-level timer, armed for every test's whole
-protocol (setup, call, teardown) a grace period past its timeout: it dumps every thread's stack to
+bounded by anything. The watchdog is faulthandler's C-level timer, armed for each phase of every test
+(setup, call, teardown) a grace period past its timeout: it dumps every thread's stack to
 the real stderr and exits the process, which no Python code can swallow.
 """
 
@@ -22,7 +22,8 @@ import redis.asyncio as aioredis
 from tests.harness import bounded
 from worker.redis_server import RedisServer
 
-WATCHDOG_GRACE_SECONDS = 60.0
+# Past the test's own timeout; VOXQUEUE_TEST_WATCHDOG_GRACE overrides it (the watchdog's own test).
+WATCHDOG_GRACE_SECONDS = float(os.environ.get("VOXQUEUE_TEST_WATCHDOG_GRACE", "60"))
 WATCHDOG_DEFAULT_SECONDS = 600.0  # tests with no timeout at all
 _watchdog_fd: int | None = None
 
@@ -45,14 +46,33 @@ def watchdog_seconds(item: pytest.Item) -> float:
     return (timeout if timeout > 0 else WATCHDOG_DEFAULT_SECONDS) + WATCHDOG_GRACE_SECONDS
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[object]:
+def _armed(item: pytest.Item) -> Iterator[None]:
     if _watchdog_fd is not None:
         faulthandler.dump_traceback_later(watchdog_seconds(item), exit=True, file=_watchdog_fd)
     try:
-        return (yield)
+        yield
     finally:
         faulthandler.cancel_dump_traceback_later()
+
+
+# Armed afresh for each phase: pytest cancels faulthandler's timer whenever a test fails
+# (pytest_exception_interact), so one timer over the whole protocol would be gone by teardown.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with contextlib.contextmanager(_armed)(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with contextlib.contextmanager(_armed)(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    with contextlib.contextmanager(_armed)(item):
+        return (yield)
 
 
 @pytest.fixture
