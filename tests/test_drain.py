@@ -229,7 +229,7 @@ async def test_a_drained_in_process_session_is_released_not_left_to_expire() -> 
         for n in range(20):
             await session.send_frame(marker_frame(n))
         await _claimed(r, "live")
-        epoch = int(await r.redis.hget(KEYS.session("live").state, "epoch"))
+        epoch = int(await r.redis.hget(KEYS.session("live").state, "epoch") or 0)
         r.pool.stop_requested.set()
         done, _ = await asyncio.wait([r.task], timeout=10)
         assert done
