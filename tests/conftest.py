@@ -1,13 +1,78 @@
-"""Shared fixtures: real redis-server processes on free ports (never 6379, never fakeredis)."""
+"""Shared fixtures: real redis-server processes on free ports (never 6379, never fakeredis).
+
+Also a watchdog that keeps the suite from ever hanging. pytest-timeout's timer fires once per
+test: after it has failed a test, a teardown that then hangs (an async fixture waiting for a
+worker, pytest-asyncio's loop teardown gathering a task that swallows its cancellation) is not
+bounded by anything. The watchdog is faulthandler's C-level timer, armed for each phase of every test
+(setup, call, teardown) a grace period past its timeout: it dumps every thread's stack to
+the real stderr and exits the process, which no Python code can swallow.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
+import os
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
+from tests.harness import bounded
 from worker.redis_server import RedisServer
+
+# Past the test's own timeout; VOXQUEUE_TEST_WATCHDOG_GRACE overrides it (the watchdog's own test).
+WATCHDOG_GRACE_SECONDS = float(os.environ.get("VOXQUEUE_TEST_WATCHDOG_GRACE", "60"))
+WATCHDOG_DEFAULT_SECONDS = 600.0  # tests with no timeout at all
+_watchdog_fd: int | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _watchdog_fd
+    # Captured output never reaches the terminal if the process exits: write to a copy of the
+    # stderr that pytest started with (capture is suspended while plugins are configured).
+    with contextlib.suppress(OSError, ValueError):
+        _watchdog_fd = os.dup(2)
+
+
+def watchdog_seconds(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("timeout")
+    raw: Any = marker.args[0] if marker and marker.args else item.config.getini("timeout")
+    try:
+        timeout = float(raw)
+    except (TypeError, ValueError):
+        timeout = 0.0
+    return (timeout if timeout > 0 else WATCHDOG_DEFAULT_SECONDS) + WATCHDOG_GRACE_SECONDS
+
+
+def _armed(item: pytest.Item) -> Iterator[None]:
+    if _watchdog_fd is not None:
+        faulthandler.dump_traceback_later(watchdog_seconds(item), exit=True, file=_watchdog_fd)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+# Armed afresh for each phase: pytest cancels faulthandler's timer whenever a test fails
+# (pytest_exception_interact), so one timer over the whole protocol would be gone by teardown.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    with contextlib.contextmanager(_armed)(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    with contextlib.contextmanager(_armed)(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    with contextlib.contextmanager(_armed)(item):
+        return (yield)
 
 
 @pytest.fixture
@@ -25,4 +90,4 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
     try:
         yield client
     finally:
-        await client.aclose()
+        await bounded(client.aclose(), 5, "closing the redis client")

@@ -15,16 +15,65 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 import redis.asyncio as aioredis
 
 from producer import protocol as p
 from producer.audio import marker_frame
 from producer.client import Producer
+from worker.config import load_settings
+from worker.emulator import EmulatorServer
+from worker.pool import WorkerPool
 from worker.redis_server import RedisServer, free_port
+
+T = TypeVar("T")
+
+# Teardown bounds. Every await and every process wait on a teardown path has one, so a test that
+# fails (or a worker that misbehaves) can never hang the run; see also the watchdog in conftest.py.
+PROCESS_EXIT_SECONDS = 10.0
+CLOSE_SECONDS = 5.0
+RIG_STOP_SECONDS = 15.0  # the pool's own drain and teardown are bounded well inside this
+RIG_CANCEL_SECONDS = 5.0
+
+
+class TeardownTimeout(AssertionError):
+    """Something on a teardown path did not finish within its bound."""
+
+
+async def bounded(aw: Awaitable[T], seconds: float, what: str) -> T | None:
+    """Awaits `aw` for at most `seconds`. Past that it is cancelled, given a second, bounded wait
+    (a cancellation can be lost inside asyncio.wait_for, CPython gh-86296, so never `await` it
+    unbounded) and left behind with a warning: teardown goes on. Its exception, if any, is raised."""
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait([task], timeout=seconds)
+    if not done:
+        task.cancel()
+        await asyncio.wait([task], timeout=1.0)
+        warnings.warn(f"{what} did not finish within {seconds} s; left behind", stacklevel=2)
+        return None
+    return task.result()
+
+
+def reap(proc: subprocess.Popen[bytes], seconds: float = PROCESS_EXIT_SECONDS) -> bool:
+    """Kills a child process (continuing it first if it was stopped) and waits, boundedly, for it
+    to go. False if it outlived SIGKILL for `seconds` (uninterruptible sleep): it is left behind."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    try:
+        proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        warnings.warn(f"process {proc.pid} still alive {seconds} s after SIGKILL", stacklevel=2)
+        return False
+    return True
+
 
 VOXQUEUE = [sys.executable, "-m", "worker.cli"]
 
@@ -40,19 +89,29 @@ class Stack:
     emulator_port: int = 0
     workers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     keys: p.Keys = field(default_factory=p.Keys)
+    _logs: list[IO[bytes]] = field(default_factory=list)
 
     def start(self) -> Stack:
         self.redis = RedisServer(appendonly=self.appendonly).start()
-        self.emulator_port = free_port()
-        log = (self.tmp / "emulator.log").open("wb")
-        self.emulator = subprocess.Popen(
-            [*VOXQUEUE, "emulator", "--port", str(self.emulator_port), *self.emulator_args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self._env(),
-        )
-        _wait_http(f"http://127.0.0.1:{self.emulator_port}/_emulator/stats", 15)
+        try:
+            self.emulator_port = free_port()
+            log = self._log("emulator.log", "wb")
+            self.emulator = subprocess.Popen(
+                [*VOXQUEUE, "emulator", "--port", str(self.emulator_port), *self.emulator_args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._env(),
+            )
+            _wait_http(f"http://127.0.0.1:{self.emulator_port}/_emulator/stats", 15)
+        except BaseException:
+            self.stop()  # the caller's try/finally has not started yet
+            raise
         return self
+
+    def _log(self, name: str, mode: str) -> IO[bytes]:
+        handle: IO[bytes] = (self.tmp / name).open(mode)  # type: ignore[assignment]
+        self._logs.append(handle)
+        return handle
 
     def _env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -68,7 +127,7 @@ class Stack:
         return env
 
     def start_worker(self, name: str, **env: str) -> subprocess.Popen[bytes]:
-        log = (self.tmp / f"worker-{name}.log").open("ab")
+        log = self._log(f"worker-{name}.log", "ab")
         proc = subprocess.Popen(
             [*VOXQUEUE, "worker", "--name", name],
             stdout=log,
@@ -109,20 +168,74 @@ class Stack:
         return _get_json(f"http://127.0.0.1:{self.emulator_port}/_emulator/stats")
 
     def stop(self) -> None:
-        for proc in self.workers.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGCONT)
-                proc.kill()
-            proc.wait(10)
-        if self.emulator and self.emulator.poll() is None:
-            self.emulator.kill()
-            self.emulator.wait(10)
-        if not os.environ.get("VOXQUEUE_KEEP_REDIS"):
-            self.redis.cleanup()
+        """Kills everything, each step bounded and each attempted even if an earlier one failed."""
+        try:
+            for proc in self.workers.values():
+                reap(proc)
+            if self.emulator is not None:
+                reap(self.emulator)
+        finally:
+            for handle in self._logs:
+                handle.close()
+            if not os.environ.get("VOXQUEUE_KEEP_REDIS"):
+                self.redis.cleanup()
 
     def client(self) -> aioredis.Redis:
         return aioredis.Redis.from_url(self.redis.url)
+
+
+@dataclass
+class Rig:
+    redis: aioredis.Redis
+    producer: Producer
+    emulator: EmulatorServer
+    pool: WorkerPool
+    task: asyncio.Task[None]  # the pool's run()
+
+
+@contextlib.asynccontextmanager
+async def rig(**settings: Any) -> AsyncIterator[Rig]:
+    """A worker pool in this process with a private redis-server and the marker emulator."""
+    with RedisServer() as server:
+        async with EmulatorServer(engine="marker", port=0, silence_timeout=3.0) as emulator:
+            config = load_settings(
+                redis_url=server.url,
+                deepgram_url=emulator.url,
+                catchup_speed=0,
+                log_format="json",
+                **settings,
+            )
+            pool = WorkerPool(config)
+            task = asyncio.create_task(pool.run(), name="rig-worker")
+            redis = aioredis.Redis.from_url(server.url)
+            producer = Producer(redis)
+            try:
+                yield Rig(redis, producer, emulator, pool, task)
+            finally:
+                try:
+                    await stop_pool(pool, task)
+                finally:
+                    await bounded(producer.aclose(), CLOSE_SECONDS, "closing the producer")
+                    await bounded(redis.aclose(), CLOSE_SECONDS, "closing the redis client")
+
+
+async def stop_pool(pool: WorkerPool, task: asyncio.Task[None]) -> None:
+    """Asks the pool to stop, as SIGTERM does, and waits for it, boundedly: RIG_STOP_SECONDS for
+    the drain, then cancel() and RIG_CANCEL_SECONDS more. A pool that needed the cancel, or
+    outlived it, fails the test (TeardownTimeout); one that crashed raises its exception."""
+    pool.stop_requested.set()
+    done, _ = await asyncio.wait([task], timeout=RIG_STOP_SECONDS)
+    if done:
+        task.result()
+        return
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=RIG_CANCEL_SECONDS)
+    if done:
+        raise TeardownTimeout(f"the worker did not stop within {RIG_STOP_SECONDS} s; cancelled it")
+    raise TeardownTimeout(
+        f"the worker did not stop within {RIG_STOP_SECONDS} s, nor {RIG_CANCEL_SECONDS} s after cancel(); "
+        "left it running"
+    )
 
 
 def _get_json(url: str) -> dict[str, Any]:

@@ -184,7 +184,8 @@ async def test_redis_restart_mid_stream(tmp_path: Path) -> None:
 
 
 async def test_sigterm_hands_sessions_over(tmp_path: Path) -> None:
-    stack = Stack(tmp_path).start()
+    # A 30 s lease: a session that went through lease expiry instead of the release shows (>= 30 s).
+    stack = Stack(tmp_path, worker_env={"VOXQUEUE_LEASE_SECONDS": "30"}).start()
     try:
         stack.start_worker("t1")
         await asyncio.sleep(1.0)

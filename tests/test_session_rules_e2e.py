@@ -4,55 +4,15 @@ transient Deepgram refusals, silent producers (real redis-server, real SDK, the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from producer import protocol as p
 from producer.audio import marker_frame
-from producer.client import Producer
-from tests.harness import assert_perfect, check_marker_session, session_events, wait_until_ended
-from worker.config import load_settings
-from worker.emulator import EmulatorServer
-from worker.pool import WorkerPool
-from worker.redis_server import RedisServer
+from tests.harness import assert_perfect, check_marker_session, rig, session_events, wait_until_ended
 
 KEYS = p.Keys()
-
-
-@dataclass
-class Rig:
-    redis: aioredis.Redis
-    producer: Producer
-    emulator: EmulatorServer
-
-
-@contextlib.asynccontextmanager
-async def rig(**settings: Any) -> AsyncIterator[Rig]:
-    with RedisServer() as server:
-        async with EmulatorServer(engine="marker", port=0, silence_timeout=3.0) as emulator:
-            config = load_settings(
-                redis_url=server.url,
-                deepgram_url=emulator.url,
-                catchup_speed=0,
-                log_format="json",
-                **settings,
-            )
-            pool = WorkerPool(config)
-            task = asyncio.create_task(pool.run())
-            redis = aioredis.Redis.from_url(server.url)
-            try:
-                async with Producer(redis) as producer:
-                    yield Rig(redis, producer, emulator)
-            finally:
-                pool.stop_requested.set()
-                await asyncio.wait_for(task, 15)
-                await redis.aclose()
 
 
 async def test_bad_frames_are_reported_and_the_session_goes_on() -> None:

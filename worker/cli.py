@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 from typing import Any
 
@@ -87,6 +88,12 @@ def worker(**flags: Any) -> None:
         if settings.metrics_port is not None:
             METRICS.serve(settings.metrics_port)
         await pool.run()
+        if pool.unstopped:
+            # asyncio.run() would now cancel and wait for these tasks with no time limit; they
+            # ignored cancellation already (their leases are left to expire), so leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
 
     try:
         run_async(serve())

@@ -9,13 +9,13 @@ entries idle longer than the lease, which is how a crashed worker's sessions mov
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from redis.exceptions import ResponseError
@@ -35,6 +35,14 @@ log = structlog.get_logger("voxqueue.worker")
 
 AUTOCLAIM_PAGES_PER_SCAN = 20  # bounds one scan's work; the cursor carries on at the next one
 TRIM_EVERY_SECONDS = 10.0  # sessions streams: XDEL keeps them short, the periodic trim catches the rest
+# Drain and shutdown bounds. A cancelled session aborts its Deepgram socket and stops in
+# milliseconds; one that has not stopped after SESSION_STOP_SECONDS is taken to be stuck.
+SESSION_STOP_SECONDS = 3.0
+RELEASE_SECONDS = 3.0  # one RELEASE script call
+TEARDOWN_SECONDS = 5.0  # background loops after cancel()
+CLIENT_CLOSE_SECONDS = 2.0
+RECANCEL_SECONDS = 1.0  # a task not stopped this long after cancel() is cancelled again
+DRAIN_RESCAN_SECONDS = 0.2  # how often the drain looks for a session the claim loop just started
 
 
 @dataclass(slots=True)
@@ -74,6 +82,7 @@ class WorkerPool:
         self.claiming = True
         self.stop_requested = asyncio.Event()
         self.hard_stop = asyncio.Event()
+        self.unstopped: list[str] = []  # sessions still running when run() returned
         self.log = log.bind(worker=self.consumer)
 
     @property
@@ -96,21 +105,45 @@ class WorkerPool:
             asyncio.create_task(self._supervised("autoclaim", self._take_over_expired)),
             asyncio.create_task(self._supervised("renew", self._renew_leases)),
         ]
+        stop = asyncio.create_task(self.stop_requested.wait())
         try:
-            stop = asyncio.create_task(self.stop_requested.wait())
             done, _ = await asyncio.wait([stop, *background], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task is not stop and task.exception():
+                if task is not stop and not task.cancelled() and task.exception():
                     raise task.exception()  # type: ignore[misc]
             await self._drain()
         finally:
-            for task in background:
+            stop.cancel()
+            await self._teardown(background)
+            self.log.info("worker stopped", unstopped_sessions=len(self.unstopped))
+
+    async def _teardown(self, background: list[asyncio.Task[None]]) -> None:
+        """Every wait here is bounded, so the worker always gets to exit: a task that swallows its
+        cancellation (CPython gh-86296, inside redis-py's wait_for) must not hold the process."""
+        if not await _stop(background, TEARDOWN_SECONDS):
+            stuck = [t.get_name() for t in background if not t.done()]
+            self.log.error("background loops did not stop when cancelled", loops=stuck)
+        # Sessions that outlived the drain (a second signal, or a task that ignored cancel()):
+        # cancel once more, wait briefly, and report what is left. Their leases are not released.
+        await _stop([o.task for o in self.owned.values()], SESSION_STOP_SECONDS)
+        self.unstopped = [sid for sid, o in self.owned.items() if not o.task.done()]
+        if self.unstopped:
+            self.log.error(
+                "sessions did not stop when cancelled; their leases will expire",
+                sessions=len(self.unstopped),
+                sids=self.unstopped[:20],
+            )
+        closing = [
+            asyncio.ensure_future(client.aclose())
+            for client in (self.redis, self.claim_redis, self.read_redis)
+        ]
+        if not await _settled(closing, CLIENT_CLOSE_SECONDS):
+            for task in closing:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            for client in (self.redis, self.claim_redis, self.read_redis):
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-            self.log.info("worker stopped")
+            self.log.warning("redis connections did not close in time; leaving them")
+        for task in closing:
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: a failed close is of no consequence at exit
 
     async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Keeps a background loop alive through unexpected errors: a bug or an odd reply in one
@@ -465,50 +498,126 @@ class WorkerPool:
     # ------------------------------------------------------------------------------ drain
 
     async def _drain(self) -> None:
-        """Finish sessions whose end marker arrived; hand every other one over at once."""
+        """Hands every session over on its own, in parallel: a session whose end marker arrived
+        may finish within drain_seconds first; every other one is stopped and its lease released
+        at once, so another worker takes it over on its next scan instead of after the lease.
+        Every wait is bounded; a second signal (hard_stop) ends the drain at once."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_seconds
-        handing = [(sid, o) for sid, o in self.owned.items() if not o.runner.end_seen]
-        handed = await self._hand_over(handing)
-        if handed:
-            self.log.info("handed sessions over", sessions=handed)
-        remaining = list(self.owned.items())
-        if remaining:
-            self.log.info("waiting for ending sessions", sessions=len(remaining))
-            everything = asyncio.gather(*(o.task for _, o in remaining), return_exceptions=True)
-            hard = asyncio.create_task(self.hard_stop.wait())
-            timeout = max(0.0, deadline - loop.time())
-            await asyncio.wait([everything, hard], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-            hard.cancel()
-            late = list(self.owned.items())
-            if late and not self.hard_stop.is_set():
-                self.log.warning(
-                    "drain deadline passed: handing over unfinished sessions", sessions=len(late)
+        hard = asyncio.create_task(self.hard_stop.wait())
+        handlers: dict[str, asyncio.Task[str]] = {}
+        try:
+            while not self.hard_stop.is_set():
+                # Also picks up a session the claim loop was still starting when the signal came.
+                for sid, owned in list(self.owned.items()):
+                    if sid not in handlers:
+                        handlers[sid] = asyncio.create_task(
+                            self._drain_one(sid, owned, deadline), name=f"drain:{sid}"
+                        )
+                active = [t for t in handlers.values() if not t.done()]
+                if not active:
+                    break
+                await asyncio.wait(
+                    [*active, hard], timeout=DRAIN_RESCAN_SECONDS, return_when=asyncio.FIRST_COMPLETED
                 )
-                await self._hand_over(late)
-            left = [owned.task for owned in self.owned.values()]
-            for task in left:
-                task.cancel()
-            if left:
-                await asyncio.wait(left, timeout=5)
+        finally:
+            hard.cancel()
+            await _stop(list(handlers.values()), SESSION_STOP_SECONDS)
+        outcomes: dict[str, int] = {}
+        for sid, task in handlers.items():
+            if not task.done() or task.cancelled():
+                outcome = "abandoned"  # a second signal: the lease will expire
+            elif task.exception() is not None:
+                outcome = "error"
+                self.log.error("drain failed for a session", sid=sid, error=repr(task.exception()))
+            else:
+                outcome = task.result()
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        self.log.info("drained", hard_stop=self.hard_stop.is_set(), **outcomes)
 
-    async def _hand_over(self, sessions: list[tuple[str, Owned]]) -> int:
-        """Stops the sessions (closing their Deepgram links) and releases their leases."""
-        for _, owned in sessions:
-            owned.task.cancel()
-        await asyncio.gather(*(o.task for _, o in sessions), return_exceptions=True)
+    async def _drain_one(self, sid: str, owned: Owned, deadline: float) -> str:
+        """One session's way out: 'finished' (it ended by itself), 'handed' (lease released),
+        'stuck' (did not stop when cancelled: lease left to expire), 'kept' (the release failed:
+        lease left to expire) or 'gone' (the session was no longer ours to release)."""
+        if owned.runner.end_seen:
+            timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+            await asyncio.wait([owned.task], timeout=timeout)
+            task = owned.task
+            if task.done() and not task.cancelled() and task.exception() is None:
+                return "finished"
+            if not task.done():
+                self.log.warning("drain deadline passed: handing the ending session over", sid=sid)
+        return await self._hand_over(sid, owned)
 
-        async def release(sid: str, owned: Owned) -> bool:
-            sk = self.keys.session(sid)
-            try:
-                return await self.store.release(sk, self.consumer, owned.entry_id, owned.runner.epoch)
-            except TRANSIENT_REDIS_ERRORS:
-                return False  # the lease will expire instead
-
-        results = await asyncio.gather(*(release(sid, o) for sid, o in sessions))
-        return sum(results)
+    async def _hand_over(self, sid: str, owned: Owned) -> str:
+        """Stops one session (closing its Deepgram link), then releases its lease, but only once
+        its task has really stopped: a task still running might still write, and although fencing
+        would stop those writes, releasing would let a new owner start while it runs."""
+        # Never `await task` unbounded: a cancellation can be lost inside asyncio.wait_for
+        # (CPython gh-86296), which redis-py puts around every command.
+        if not await _stop([owned.task], SESSION_STOP_SECONDS):
+            self.log.error(
+                "session did not stop when cancelled: not releasing it; its lease will expire",
+                sid=sid,
+                lease_seconds=self.settings.lease_seconds,
+                where=_where(owned.task),
+            )
+            return "stuck"
+        release = asyncio.ensure_future(
+            self.store.release(self.keys.session(sid), self.consumer, owned.entry_id, owned.runner.epoch)
+        )
+        if not await _settled([release], RELEASE_SECONDS):
+            release.cancel()
+            self.log.warning("lease release timed out; the lease will expire instead", sid=sid)
+            return "kept"
+        exc = release.exception()
+        if exc is not None:
+            self.log.warning(
+                "lease release failed; the lease will expire instead", sid=sid, error=type(exc).__name__
+            )
+            return "kept"
+        return "handed" if release.result() else "gone"
 
     async def _pause_after(self, backoff: Backoff, exc: BaseException) -> None:
         delay = backoff.next_delay()
         self.log.warning("redis unavailable, retrying", error=type(exc).__name__, retry_in=round(delay, 2))
         await asyncio.sleep(delay)
+
+
+async def _settled(tasks: Sequence[asyncio.Future[Any]], seconds: float) -> bool:
+    """Waits at most `seconds` for the tasks to finish (without cancelling them); True if all did."""
+    if not tasks:
+        return True
+    _, pending = await asyncio.wait(tasks, timeout=seconds)
+    return not pending
+
+
+async def _stop(tasks: Sequence[asyncio.Task[Any]], seconds: float) -> bool:
+    """Cancels the tasks and waits at most `seconds` for them to finish; True if all did.
+
+    A task still running after RECANCEL_SECONDS is cancelled again: a cancellation can be lost
+    (CPython gh-86296: asyncio.wait_for returns the inner result when both arrive together, and
+    redis-py waits that way), and the task then simply goes on. Re-cancelling only after a pause
+    leaves a task that did see its cancellation the time to clean up undisturbed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    pending = [t for t in tasks if not t.done()]
+    for task in pending:
+        task.cancel()
+    while pending:
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        _, still = await asyncio.wait(pending, timeout=min(RECANCEL_SECONDS, left))
+        pending = list(still)
+        for task in pending:
+            task.cancel()
+    return True
+
+
+def _where(task: asyncio.Task[Any]) -> list[str]:
+    """Where a task is suspended, innermost last (file:line function), for a stuck task's log."""
+    return [
+        f"{frame.f_code.co_filename.rsplit('/', 2)[-1]}:{frame.f_lineno} {frame.f_code.co_name}"
+        for frame in task.get_stack(limit=None)
+    ][-6:]

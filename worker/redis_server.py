@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -95,28 +96,38 @@ class RedisServer:
         self.stop()
         raise RedisServerError(f"redis-server did not answer on port {self.port} within {timeout} s")
 
-    def stop(self, kill: bool = False) -> None:
+    def stop(self, kill: bool = False, timeout: float = 10.0) -> None:
+        """Stops the server: SIGTERM (Redis then flushes its AOF) or SIGKILL, escalating to SIGKILL
+        after `timeout`. Every wait is bounded: a process that outlives SIGKILL (uninterruptible
+        sleep) is left behind rather than hanging the caller."""
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return
-        if kill:
-            proc.kill()
-        else:
-            proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            if kill:
+                proc.kill()
+            else:
+                proc.terminate()
+                # A SIGSTOPped server (a chaos test's doing) only acts on SIGTERM once continued.
+                os.kill(proc.pid, signal.SIGCONT)
         try:
-            proc.wait(10)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
 
     def restart(self, kill: bool = True) -> None:
         self.stop(kill=kill)
         self.start()
 
     def cleanup(self) -> None:
-        self.stop()
-        if self._owns_dir:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
+        try:
+            self.stop()
+        finally:
+            if self._owns_dir:
+                shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
         return self.start() if self.process is None else self

@@ -35,7 +35,6 @@ Compression is off: permessage-deflate would cost CPU per 640-byte frame for not
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -145,18 +144,26 @@ class EmulatorServer:
         log.info("deepgram emulator (%s engine) listening on %s", self.engine, self.url)
         return self
 
-    async def stop(self) -> None:
+    async def stop(self, bound: float = 5.0) -> None:
+        """Closes every connection (code `stop_code`) and stops. Each wait is bounded by `bound` s:
+        a stop must never hang its caller (a test's teardown, Ctrl-C), whatever a client does."""
         if self._sweeper is not None:
             self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await asyncio.wait([self._sweeper], timeout=bound)
             self._sweeper = None
         if self._server is not None:
             self._server.close(code=self.stop_code, reason="emulator stopping")
-            await self._server.wait_closed()
+            closing = asyncio.ensure_future(self._server.wait_closed())
+            await asyncio.wait([closing], timeout=bound)
+            if not closing.done():
+                closing.cancel()
+                log.warning("emulator connections did not close within %s s; leaving them", bound)
             self._server = None
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=bound)
 
     async def __aenter__(self) -> Self:
         return await self.start()
