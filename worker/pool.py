@@ -9,6 +9,7 @@ entries idle longer than the lease, which is how a crashed worker's sessions mov
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -82,6 +83,10 @@ class WorkerPool:
         self.claiming = True
         self.stop_requested = asyncio.Event()
         self.hard_stop = asyncio.Event()
+        # Set when another worker released sessions (drain): scan for them now, not at the next
+        # period, so a hand-over costs a round trip rather than up to renew_seconds.
+        self.takeover_due = asyncio.Event()
+        self.handover_channel = f"{settings.namespace}:handover"
         self.unstopped: list[str] = []  # sessions still running when run() returned
         self.log = log.bind(worker=self.consumer)
 
@@ -104,6 +109,7 @@ class WorkerPool:
             asyncio.create_task(self._supervised("claim", self._claim_new)),
             asyncio.create_task(self._supervised("autoclaim", self._take_over_expired)),
             asyncio.create_task(self._supervised("renew", self._renew_leases)),
+            asyncio.create_task(self._supervised("handover", self._listen_for_handovers)),
         ]
         stop = asyncio.create_task(self.stop_requested.wait())
         try:
@@ -232,7 +238,10 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         next_trim = loop.time() + TRIM_EVERY_SECONDS
         while True:
-            await asyncio.sleep(self.settings.renew_seconds)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.renew_seconds):
+                    await self.takeover_due.wait()
+            self.takeover_due.clear()
             if loop.time() >= next_trim:
                 next_trim = loop.time() + TRIM_EVERY_SECONDS
                 await self._trim_sessions()
@@ -251,6 +260,28 @@ class WorkerPool:
                     continue
                 for entry_id, fields in entries:
                     await self._start_session_safely(key, entry_id, fields, how="takeover")
+
+    async def _listen_for_handovers(self) -> None:
+        """Wakes the takeover scan when a draining worker announces released sessions. Only a
+        hint: without it (a lost message, Redis down) the periodic scan still finds them."""
+        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        backoff = Backoff(0.1, 5.0)
+        try:
+            while True:
+                try:
+                    if not pubsub.subscribed:
+                        await pubsub.subscribe(self.handover_channel)
+                    message = await pubsub.get_message(timeout=self.settings.renew_seconds)
+                except TRANSIENT_REDIS_ERRORS:  # redis-py re-subscribes when it reconnects
+                    await asyncio.sleep(backoff.next_delay())
+                    continue
+                backoff.reset()
+                if message is not None and self.free:
+                    self.takeover_due.set()
+        finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLIENT_CLOSE_SECONDS):
+                    await pubsub.aclose()
 
     async def _trim_sessions(self) -> None:
         for key in self.keys.all_sessions():
@@ -500,8 +531,12 @@ class WorkerPool:
     async def _drain(self) -> None:
         """Hands every session over on its own, in parallel: a session whose end marker arrived
         may finish within drain_seconds first; every other one is stopped and its lease released
-        at once, so another worker takes it over on its next scan instead of after the lease.
+        at once and announced on the hand-over channel, so another worker takes it over at once
+        instead of after the lease.
         Every wait is bounded; a second signal (hard_stop) ends the drain at once."""
+        # However the stop was asked for: a draining worker must not take back what it releases
+        # (the hand-over notice wakes its own takeover scan too).
+        self.claiming = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.drain_seconds
         hard = asyncio.create_task(self.hard_stop.wait())
@@ -576,7 +611,12 @@ class WorkerPool:
                 "lease release failed; the lease will expire instead", sid=sid, error=type(exc).__name__
             )
             return "kept"
-        return "handed" if release.result() else "gone"
+        if not release.result():
+            return "gone"
+        with contextlib.suppress(*TRANSIENT_REDIS_ERRORS, TimeoutError):
+            async with asyncio.timeout(RELEASE_SECONDS):
+                await self.redis.publish(self.handover_channel, sid)  # wake the others' takeover scan
+        return "handed"
 
     async def _pause_after(self, backoff: Backoff, exc: BaseException) -> None:
         delay = backoff.next_delay()

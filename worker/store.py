@@ -35,10 +35,20 @@ class StateLost(Fenced):
     fenced script compares against an epoch that no longer exists."""
 
 
+MAX_CONNECTIONS = 128  # per client; commands queue for a free one rather than fail
+CONNECTION_WAIT_SECONDS = 30.0
+
+
 def connect_redis(url: str, *, blocking: bool = False, retries: int = 3) -> aioredis.Redis:
-    """A client that rides out short blips itself; longer outages surface to our own retry loops."""
-    return aioredis.Redis.from_url(
+    """A client that rides out short blips itself; longer outages surface to our own retry loops.
+
+    The pool blocks when all its connections are busy: redis-py's default pool raises
+    MaxConnectionsError at its 100th concurrent command, which a drain releasing 100 leases at
+    once, or a burst of commits from hundreds of sessions, reaches."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=CONNECTION_WAIT_SECONDS,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         socket_connect_timeout=5,
@@ -46,6 +56,7 @@ def connect_redis(url: str, *, blocking: bool = False, retries: int = 3) -> aior
         health_check_interval=0 if blocking else 30,
         decode_responses=False,
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 @dataclass(frozen=True, slots=True)
