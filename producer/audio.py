@@ -1,7 +1,7 @@
 """Audio for producers, with no I/O except reading a file: re-chunking PCM into frames, reading
 WAV/raw files, and the deterministic marker frames that tests and benchmarks send.
 
-The wire carries exactly `frame_bytes` per frame (ARCHITECTURE §1): a frame of the wrong size is bad
+The wire carries exactly `frame_bytes` per frame (docs/protocol.md §3): a frame of the wrong size is bad
 input that the worker rejects, so every byte a backend hands us goes through `FrameChunker`, which
 is the only place that decides where frame boundaries fall.
 """

@@ -1,6 +1,6 @@
 """One Redis round trip for everything a process has to append, instead of one per frame.
 
-ARCHITECTURE §9: 200 sessions that each await their own XADD cost 2.7x the direct SDK and cannot
+Measured: 200 sessions that each await their own XADD cost 2.7x the direct SDK and cannot
 keep up; the same frames sent as one pipeline per tick cost 0.67x. So sessions never talk to Redis:
 they hand commands to the `Batcher`, and its single flusher task sends whatever accumulated as one
 non-transactional pipeline. Callers that want to know their frames are stored await the future of

@@ -7,7 +7,7 @@
         async for event in session.events():
             ...
 
-Batching design (ARCHITECTURE §9). The Redis hop is only cheap when it is batched: a process with
+Batching design (measured in BENCHMARKS.md). The Redis hop is only cheap when it is batched: a process with
 200 live sessions that awaits one XADD round trip per frame per session spends 2.7x the CPU of
 talking to Deepgram directly and falls behind real time. So a `ProducerSession` never sends
 anything itself. `send()` cuts the audio into frames (`FrameChunker`), assigns their seq numbers
@@ -310,7 +310,7 @@ class ProducerSession:
         """Append exactly one frame (`format.frame_bytes` bytes); returns its seq."""
         self._check_open()
         if len(frame) != self.format.frame_bytes:
-            # A wrong-size frame is bad input to the worker (ARCHITECTURE §1): refuse it here.
+            # A wrong-size frame is bad input to the worker (docs/protocol.md §3): refuse it here.
             raise ValueError(f"frame has {len(frame)} bytes, expected {self.format.frame_bytes}")
         if self._chunker.pending_bytes:
             raise ProducerError("send_frame() after a send() that left a partial frame would misalign audio")

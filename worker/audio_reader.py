@@ -1,6 +1,6 @@
 """One blocking XREAD over the audio streams of every session this worker owns.
 
-Reading many streams per call is what makes the Redis hop cheap (ARCHITECTURE §9): one round trip
+Reading many streams per call is what makes the Redis hop cheap (BENCHMARKS.md): one round trip
 brings frames for hundreds of sessions. Each session gets an `Inbox`; the reader only appends to it
 and wakes the session's sender.
 

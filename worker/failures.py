@@ -1,4 +1,4 @@
-"""Which Deepgram failures end a session and which are worth a reconnect (ARCHITECTURE §5).
+"""Which Deepgram failures end a session and which are worth a reconnect (README "Guarantees").
 
 Classification only looks at exception types and codes; it never formats the exception itself,
 because the SDK's ApiError carries the request headers, including `Authorization: Token <key>`.

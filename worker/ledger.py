@@ -1,6 +1,6 @@
 """Frame bookkeeping of one session: which frames were sent, which a final covers, what time it is.
 
-Pure logic, no I/O. The rules it encodes are the delivery guarantees of ARCHITECTURE §4:
+Pure logic, no I/O. The rules it encodes are delivery guarantees (docs/architecture.md):
 
 * Frames go to Deepgram in seq order, each at least once; a seq already sent on this connection is
   a duplicate (a producer retry, or the same entry read twice) and is not sent again.

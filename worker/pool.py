@@ -1,6 +1,6 @@
 """The worker process: claims sessions, keeps their leases, runs them, drains on SIGTERM.
 
-Leases (ARCHITECTURE §3): a session's entry in its partition's `sessions` stream stays pending in
+Leases (docs/architecture.md): a session's entry in its partition's `sessions` stream stays pending in
 the `workers` group while a worker owns it, so the group's pending list is the lease table. The
 owner renews by resetting the entry's idle time (fenced RENEW script); any worker XAUTOCLAIMs
 entries idle longer than the lease, which is how a crashed worker's sessions move on.
