@@ -484,3 +484,95 @@ async def done(task: asyncio.Task[Any]) -> bool:
 
 async def events(redis: aioredis.Redis, key: str) -> list[dict[str, Any]]:
     return [p.decode_event(f) for _, f in await redis.xrange(key)]
+
+
+# ----------------------------------------------------------------------------- what the current owner writes
+# The guards above are only worth something if the scripts do their writes: each of these fails
+# when one write of a script is dropped (found by `make mutate`).
+
+
+async def test_acquire_keeps_the_start_time_counts_takeovers_and_makes_the_state_permanent(
+    redis_client: aioredis.Redis,
+) -> None:
+    """Fails when ACQUIRE stops clearing the `released` mark (a crash after a handover would not
+    count towards the crash-loop limit), overwrites/forgets started_at, or leaves a TTL on the
+    state of a session it runs (the state would expire under a live session)."""
+    redis, store, sk = redis_client, store_for(redis_client), KEYS.session("acq")
+    entry = await start_session(redis, "acq", "w1")
+    first = await store.acquire(sk, "w1", 5, entry)
+    started = await redis.hget(sk.state, "started_at")
+    assert started is not None
+    assert await store.release(sk, "w1", entry, first.epoch)
+    await redis.expire(sk.state, 30)
+    handed = await store.acquire(sk, "w2", 5, entry)
+    assert handed.takeovers == 0 and await redis.pttl(sk.state) == -1
+    crashed = await store.acquire(sk, "w3", 5, entry)  # w2 died: this one is a takeover
+    assert crashed.takeovers == 1
+    assert await redis.hget(sk.state, "started_at") == started
+
+
+async def test_publish_once_publishes_at_most_once(taken_over: TakenOver) -> None:
+    """Fails when PUBLISH ignores its once flag (a gap error repeated by every replay)."""
+    t = taken_over
+    before = await t.redis.xlen(t.sk.results)
+    assert await _publish_once(t, t.current, "w2") == "ok"
+    assert await _publish_once(t, t.current, "w2") == "dup"
+    assert await t.redis.xlen(t.sk.results) == before + 1
+
+
+async def test_finish_writes_the_end_everywhere(taken_over: TakenOver) -> None:
+    """Fails when FINISH stops publishing session_ended to the partition stream, writing the dead
+    letter it is asked for (or writes one it is not asked for), giving the results the TTL, or
+    making sure the audio stream exists with the TTL (without touching an existing one)."""
+    t = taken_over
+    audio = await t.redis.xrange(t.sk.audio)
+    assert await _finish(t, t.current, "w2") == "ok"
+    for key in (t.sk.results, t.sk.partition_results):
+        assert p.decode_event((await t.redis.xrevrange(key, count=1))[0][1])["type"] == p.SESSION_ENDED
+    dead = await t.redis.xrange(t.sk.dead)
+    assert [(f[b"sid"], f[b"reason"], f[b"entry"]) for _, f in dead] == [(b"s", b"boom", t.entry)]
+    assert await t.redis.xrange(t.sk.audio) == audio  # it existed: left as it was
+    for key in (t.sk.state, t.sk.results, t.sk.audio):
+        assert 0 < await t.redis.ttl(key) <= 60, key
+    pending = await t.redis.xpending(KEYS.sessions(0), p.WORKERS_GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_finish_without_audio_or_dead_letter(redis_client: aioredis.Redis) -> None:
+    """A session ended before any frame: the audio stream is created only to carry the TTL (late
+    frames expire with it), and no dead letter is written when none is asked for."""
+    redis, store, sk = redis_client, store_for(redis_client), KEYS.session("noaudio")
+    entry = await start_session(redis, "noaudio", "w1")
+    first = await store.acquire(sk, "w1", 5, entry)
+    await store.finish(
+        sk, first.epoch, entry, status="ended", reason="completed", event=ended("noaudio"), frames=0
+    )
+    assert await redis.xlen(sk.audio) == 1 and 0 < await redis.ttl(sk.audio) <= 60
+    assert await redis.xlen(sk.dead) == 0
+
+
+async def test_reject_entry_reports_once(taken_over: TakenOver) -> None:
+    """Fails when REJECT_ENTRY stops writing its error event (either results stream) or its dead
+    letter, or reports the same bad entry twice (a replay after a takeover)."""
+    t = taken_over
+    results, partition = await t.redis.xlen(t.sk.results), await t.redis.xlen(t.sk.partition_results)
+    assert await _reject(t, t.current, "w2") == "ok"
+    assert await _reject(t, t.current, "w2") == "dup"
+    assert await t.redis.xlen(t.sk.results) == results + 1
+    assert await t.redis.xlen(t.sk.partition_results) == partition + 1
+    last = p.decode_event((await t.redis.xrevrange(t.sk.results, count=1))[0][1])
+    assert (last["type"], last["code"]) == (p.ERROR, "bad_entry")
+    dead = await t.redis.xrange(t.sk.dead)
+    assert [(f[b"sid"], f[b"reason"], f[b"entry"]) for _, f in dead] == [(b"s", b"bad_entry", b"1-5")]
+
+
+async def test_ensure_group_and_ack(redis_client: aioredis.Redis) -> None:
+    """ensure_group tolerates an existing group but not other errors; ack_session_entry ends a lease."""
+    store = store_for(redis_client)
+    entry = await start_session(redis_client, "ack", "w1")
+    await store.ensure_group(KEYS.sessions(0))  # exists already: fine
+    await redis_client.set("not-a-stream", "x")
+    with pytest.raises(ResponseError):
+        await store.ensure_group("not-a-stream")
+    await store.ack_session_entry(KEYS.sessions(0), entry)
+    assert (await redis_client.xpending(KEYS.sessions(0), p.WORKERS_GROUP))["pending"] == 0
