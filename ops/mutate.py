@@ -92,9 +92,10 @@ def lua_line_numbers(source: str) -> set[int]:
     """Lines strictly inside multi-line string constants: the Lua scripts of worker/lua.py."""
     lines: set[int] = set()
     for node in ast.walk(ast.parse(source)):
-        multiline = isinstance(node, ast.Constant) and (node.end_lineno or 0) > node.lineno
-        if multiline and isinstance(node.value, str) and node.end_lineno:  # type: ignore[attr-defined]
-            lines.update(range(node.lineno + 1, node.end_lineno))
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            continue
+        end = node.end_lineno or node.lineno
+        lines.update(range(node.lineno + 1, end))
     return lines
 
 
