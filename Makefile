@@ -4,6 +4,7 @@
 #   make test        run the test suite          (make test PYTEST_ARGS='-k logs -x')
 #   make lint        ruff check .
 #   make bench       python -m ops.bench
+#   make mutate      mutation testing of the fenced code (make mutate MUTATE_ARGS='worker/x.py --max 20')
 #   make install     create .venv and install the project (editable) with dev, speech, embedded extras
 #   make clean       remove caches and build output; make distclean also removes .venv
 #
@@ -14,6 +15,7 @@ VENV        ?= .venv
 EXTRAS      ?= dev,speech,embedded
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
+MUTATE_ARGS ?=
 
 VENV_PY := $(VENV)/bin/python
 STAMP   := $(VENV)/.voxqueue-installed
@@ -22,7 +24,7 @@ STAMP   := $(VENV)/.voxqueue-installed
 PY_OK = -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench clean distclean check-python
+.PHONY: help install demo test lint bench mutate clean distclean check-python
 
 help:
 	@sed -n '1,12s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
@@ -66,6 +68,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV_PY) -m ops.bench $(BENCH_ARGS)
+
+# One mutation at a time in a copy of the tree; lists the mutants no fast test notices.
+mutate: $(STAMP)
+	$(VENV_PY) -m ops.mutate $(MUTATE_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache

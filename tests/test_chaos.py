@@ -219,31 +219,99 @@ async def test_sigterm_hands_sessions_over(tmp_path: Path) -> None:
 
 
 async def test_frozen_worker_publishes_nothing_after_takeover(tmp_path: Path) -> None:
+    """SIGSTOP a worker, let another take its sessions over, SIGCONT it: the thawed worker must
+    write nothing. Judged by stream order, not by the events' `ts` (stamped when an event is
+    built, so an event built before the freeze and published after it would look on time): in
+    XRANGE order, once an entry of epoch N is in a results stream, no entry of an epoch < N may
+    follow it."""
     stack = Stack(tmp_path, worker_env=FAST_LEASES).start()
+
+    def epoch_regressions(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[str]:
+        """Entries written by an owner after a newer owner had already written (one sid)."""
+        newest, late = 0, []
+        for entry_id, fields in entries:
+            event = p.decode_event(fields)
+            if event["epoch"] < newest:
+                late.append(f"{entry_id.decode()} {event['type']} of epoch {event['epoch']} after {newest}")
+            newest = max(newest, event["epoch"])
+        return late
+
+    async def produce_with_interims(stack: Stack, sessions: dict[str, int]) -> None:
+        redis = stack.client()
+        try:
+            async with Producer(redis) as producer:
+                options = {"interim_results": True}
+                await asyncio.gather(
+                    *(
+                        produce_marker_session(producer, sid, n, realtime=True, options=options)
+                        for sid, n in sessions.items()
+                    )
+                )
+        finally:
+            await redis.aclose()
+
     try:
         stack.start_worker("z1")
         sessions = {f"freeze-{i}": 500 for i in range(4)}
-        producing = asyncio.create_task(produce_all(stack, sessions, realtime=True))
+        # Interim results: besides finals (which COMMIT's commit-point check also refuses once z2
+        # has moved on) z1 then has best-effort partials to publish when it thaws, which only the
+        # epoch fence stops.
+        producing = asyncio.create_task(produce_with_interims(stack, sessions))
         await asyncio.sleep(2.0)
         stack.start_worker("z2")
         before = await owners(stack, list(sessions))
         assert set(before.values()) == {"z1"}
+        # Results delayed by 1.5 s: at the freeze z1 has results in flight, which land in its
+        # socket while it is frozen, so it has words to publish the instant it thaws.
+        stack.faults(slow_results_ms=1500)
+        await asyncio.sleep(1.6)
         stack.signal_worker("z1", signal.SIGSTOP)
+        stack.faults(reset=1)  # z2 then gets its results at once; z1's queued ones still arrive
         deadline = time.monotonic() + 20
         while set((await owners(stack, list(sessions))).values()) - {"z2"} and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        taken = {sid: await claimed_at(stack, sid) for sid in sessions}
+        assert set((await owners(stack, list(sessions))).values()) == {"z2"}, "z2 did not take over"
+        # Thaw z1 only once z2 has written to every session: a late write of z1 then lands after
+        # an entry of the newer epoch, where stream order exposes it.
+        redis = stack.client()
+        try:
+            waiting = set(sessions)
+            while waiting and time.monotonic() < deadline:
+                for sid in list(waiting):
+                    sk = stack.keys.session(sid)
+                    epoch = int(await redis.hget(sk.state, "epoch") or 0)
+                    if any(p.decode_event(f)["epoch"] == epoch for _, f in await redis.xrange(sk.results)):
+                        waiting.discard(sid)
+                await asyncio.sleep(0.1)
+            assert not waiting, f"z2 wrote nothing for {sorted(waiting)} before the deadline"
+        finally:
+            await redis.aclose()
         stack.signal_worker("z1", signal.SIGCONT)
         await producing
-        await verify_all(stack, sessions, timeout=60)
         redis = stack.client()
-        for sid in sessions:
-            events = await session_events(redis, stack.keys, sid)
-            new_epoch = max(e["epoch"] for e in events)
-            late = [e for e in events if e["epoch"] < new_epoch and e["ts"] / 1000 > taken[sid] + 0.001]
-            assert not late, f"{sid}: the frozen worker published {len(late)} events after losing the lease"
-        await redis.aclose()
-        await asyncio.sleep(1.0)
+        try:
+            await wait_until_ended(redis, stack.keys, list(sessions), timeout=60)
+            by_sid: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {sid: [] for sid in sessions}
+            for entry_id, fields in await redis.xrange(stack.keys.results(0)):
+                sid = fields[p.R_SID.encode()].decode()
+                if sid in by_sid:
+                    by_sid[sid].append((entry_id, fields))
+            for sid in sessions:
+                entries = await redis.xrange(stack.keys.session(sid).results)
+                epochs = {p.decode_event(f)["epoch"] for _, f in entries}
+                assert len(epochs) >= 2, f"{sid}: expected entries of both owners, got epochs {epochs}"
+                late = epoch_regressions(entries)
+                assert not late, f"{sid}: the frozen worker published after losing the lease: {late}"
+                late = epoch_regressions(by_sid[sid])
+                assert not late, f"{sid}: partition results, published after losing the lease: {late}"
+        finally:
+            await redis.aclose()
+        await verify_all(stack, sessions, timeout=60)
+        log_deadline = time.monotonic() + 5
+        while time.monotonic() < log_deadline and not (
+            "lease lost" in stack.worker_log("z1") or "lost the session" in stack.worker_log("z1")
+        ):
+            await asyncio.sleep(0.1)
         assert "lease lost" in stack.worker_log("z1") or "lost the session" in stack.worker_log("z1")
     finally:
         stack.stop()
