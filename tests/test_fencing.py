@@ -360,6 +360,33 @@ async def test_a_commit_whose_publish_fails_does_not_move_the_commit_point(taken
     assert [p.decode_event(f)["type"] for _, f in await t.redis.xrange(t.sk.results)] == [p.FINAL]
 
 
+@pytest.mark.parametrize("broken", ["partition_results", "results"])
+async def test_a_stream_key_of_the_wrong_type_stops_every_script_before_its_first_write(
+    taken_over: TakenOver, broken: str
+) -> None:
+    """Redis keeps a script's writes made before a failing command: COMMIT used to add the final
+    to the session's results, then fail on the partition stream with the commit point unmoved, and
+    the replay published the final again. Each writing script now checks its streams first."""
+    t = taken_over
+    key = getattr(t.sk, broken)
+    await t.redis.delete(key)
+    await t.redis.set(key, "not a stream")
+    before = await snapshot(t.redis, t.sk)
+    event = standalone_event(t.sk.sid, p.SESSION_ENDED, "end", reason="completed")
+    calls = [
+        lambda: _commit(t, t.current, "w2"),
+        lambda: t.store.publish(t.sk, t.current, event, once="flag"),
+        lambda: t.store.reject_entry(t.sk, t.current, t.sk.audio, b"1-3", "bad", event),
+        lambda: t.store.finish(
+            t.sk, t.current, t.entry, status="ended", reason="completed", event=event, frames=50
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await call()
+        assert await snapshot(t.redis, t.sk) == before
+
+
 async def test_a_commit_is_one_redis_command(taken_over: TakenOver) -> None:
     """Fails when `SessionStore.commit` is split into a publish and a separate commit-point update
     (two round trips: a crash between them publishes a final whose frames are then replayed, a

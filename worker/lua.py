@@ -12,6 +12,21 @@ from __future__ import annotations
 
 from typing import Final
 
+# Prepended to every script that writes more than one stream: Redis does not roll back a script's
+# writes when a later command in it fails, so a key of the wrong type (an operator's mistake) must
+# be found before the first write, or a final could be published without its commit and then
+# published again by the replay.
+_WRITABLE = """
+local WRONGTYPE = 'WRONGTYPE a voxqueue stream key holds another type; nothing was written'
+local function writable(keys)
+  for _, k in ipairs(keys) do
+    local t = redis.call('TYPE', k)['ok']
+    if t ~= 'stream' and t ~= 'none' then return false end
+  end
+  return true
+end
+"""
+
 # KEYS: state, sessions. ARGV: owner, max_takeovers, now_ms, sessions_entry_id
 # Returns {status, epoch, committed_seq, committed_id, frames, finals, takeovers, stalled};
 # status is ok, done (already ended), poison (crash loop) or duplicate (another entry owns this
@@ -68,12 +83,13 @@ return {verdict, epoch, committed,
 # committed_seq >= seq_to and does nothing. A final that does not start right after the commit
 # point ('stale': the caller's idea of the commit point is behind Redis, e.g. a commit whose reply
 # it never saw) is refused: publishing it would repeat words; the caller re-reads and replays.
-COMMIT: Final = """
+COMMIT: Final = _WRITABLE + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1')
 local seq_to = tonumber(ARGV[2])
 if committed >= seq_to then return 'dup' end
 if committed ~= tonumber(ARGV[10]) - 1 then return 'stale' end
+if not writable({KEYS[2], KEYS[3]}) then return redis.error_reply(WRONGTYPE) end
 if ARGV[5] == '1' then
   local fields = {'type', ARGV[6], 'sid', ARGV[7], 'text', ARGV[8], 'e', ARGV[9]}
   redis.call('XADD', KEYS[2], '*', unpack(fields))
@@ -89,8 +105,9 @@ return 'ok'
 # ARGV: epoch, maxlen, once_flag ('' = always), type, sid, text, e
 # Best-effort events (partial, speech_started, utterance_end, session_started, error). With a
 # once_flag the event is published at most once per session, whichever owner gets there first.
-PUBLISH: Final = """
+PUBLISH: Final = _WRITABLE + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
+if not writable({KEYS[2], KEYS[3]}) then return redis.error_reply(WRONGTYPE) end
 if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[1], ARGV[3], '1') == 0 then return 'dup' end
 local fields = {'type', ARGV[4], 'sid', ARGV[5], 'text', ARGV[6], 'e', ARGV[7]}
 redis.call('XADD', KEYS[2], '*', unpack(fields))
@@ -109,13 +126,14 @@ return 'ok'
 # A normal end names the commit point its owner reached: if Redis's is lower, Redis lost commits
 # after it (fsync everysec and a crash, a lagging replica promoted), and ending now would lose
 # their finals for good: 'stale', and the owner replays from Redis's commit point first.
-FINISH: Final = """
+FINISH: Final = _WRITABLE + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'ended' or status == 'failed' then return 'dup' end
 if ARGV[13] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1') < tonumber(ARGV[13]) then
   return 'stale'
 end
+if not writable({KEYS[2], KEYS[3], KEYS[4], KEYS[6]}) then return redis.error_reply(WRONGTYPE) end
 local fields = {'type', ARGV[7], 'sid', ARGV[8], 'text', ARGV[9], 'e', ARGV[10]}
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
@@ -186,8 +204,9 @@ return 'ok'
 # KEYS: state, session results, partition results, dead
 # ARGV: epoch, maxlen, flag, stream, entry_id, reason, type, sid, text, e
 # Reports one bad entry once: an error event and a dead letter, idempotent across replays.
-REJECT_ENTRY: Final = """
+REJECT_ENTRY: Final = _WRITABLE + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
+if not writable({KEYS[2], KEYS[3], KEYS[4]}) then return redis.error_reply(WRONGTYPE) end
 if redis.call('HSETNX', KEYS[1], ARGV[3], '1') == 0 then return 'dup' end
 local fields = {'type', ARGV[7], 'sid', ARGV[8], 'text', ARGV[9], 'e', ARGV[10]}
 redis.call('XADD', KEYS[2], '*', unpack(fields))
@@ -206,7 +225,10 @@ return 'ok'
 # session_ended(rejected) events, a state hash saying so (status failed, reason rejected) and the
 # retention TTL on its keys. A bad entry never writes into a session that exists (live or ended):
 # it merely names it. Idempotent: an entry no longer pending was handled already ('dup').
-REJECT_SESSION: Final = """
+REJECT_SESSION: Final = _WRITABLE + """
+if not writable({KEYS[2]}) or (#KEYS >= 6 and not writable({KEYS[4], KEYS[5], KEYS[6]})) then
+  return redis.error_reply(WRONGTYPE)
+end
 if redis.call('XACK', KEYS[1], 'workers', ARGV[1]) == 0 then
   redis.call('XDEL', KEYS[1], ARGV[1])
   return 'dup'
