@@ -2,7 +2,7 @@
 #
 #   make demo        run the end-to-end demo (private redis-server + emulator + worker + producer)
 #   make test        run the test suite          (make test PYTEST_ARGS='-k logs -x')
-#   make lint        ruff check .
+#   make lint        ruff check, ruff format --check, mypy
 #   make bench       python -m ops.bench
 #   make mutate      mutation testing of the fenced code (make mutate MUTATE_ARGS='worker/x.py --max 20')
 #   make install     create .venv and install the project (editable) with dev, speech, embedded extras
@@ -65,6 +65,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(VENV_PY) -m ops.bench $(BENCH_ARGS)

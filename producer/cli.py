@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 import redis.asyncio as aioredis
@@ -458,7 +458,7 @@ async def find_session_start(client: aioredis.Redis, keys: Keys, sid: str) -> Se
     stream); for a session still running, its `sessions` entry (via the `start_id` in the state
     hash, else by scanning the partition's sessions stream page by page)."""
     skeys = keys.session(sid)
-    state = await client.hgetall(skeys.state)  # type: ignore[misc]
+    state = cast(dict[bytes, bytes], await client.hgetall(skeys.state))
     kept = {name: state[name] for name in STATE_START_FIELDS if name in state}
     if kept:
         try:
@@ -467,13 +467,13 @@ async def find_session_start(client: aioredis.Redis, keys: Keys, sid: str) -> Se
             return None
     start_id = state.get(b"start_id")
     if start_id:
-        entries = await client.xrange(skeys.sessions, start_id, start_id, count=1)
+        entries = await _xrange(client, skeys.sessions, start_id, start_id, 1)
         start = _matching_start(entries, sid)
         if start is not None:
             return start
     cursor = "-"
     while True:
-        entries = await client.xrange(skeys.sessions, cursor, "+", count=SCAN_BATCH)
+        entries = await _xrange(client, skeys.sessions, cursor, "+", SCAN_BATCH)
         start = _matching_start(entries, sid)
         if start is not None:
             return start
@@ -488,7 +488,14 @@ async def find_session_start(client: aioredis.Redis, keys: Keys, sid: str) -> Se
 STATE_START_FIELDS = (b"encoding", b"sample_rate", b"channels", b"frame_ms", b"options", b"labels")
 
 
-def _matching_start(entries: list[Any], sid: str) -> SessionStart | None:
+async def _xrange(
+    client: aioredis.Redis, key: str, start: str | bytes, end: str | bytes, count: int
+) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """XRANGE as this module's clients return it (bytes, decode_responses off)."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(key, start, end, count=count))
+
+
+def _matching_start(entries: list[tuple[bytes, dict[bytes, bytes]]], sid: str) -> SessionStart | None:
     for _, fields in entries:
         if fields.get(b"sid", b"").decode(errors="replace") != sid:
             continue
@@ -505,7 +512,7 @@ async def recorded_audio(client: aioredis.Redis, keys: Keys, sid: str, frame_byt
     frames: dict[int, bytes] = {}
     cursor = "-"
     while True:
-        entries = await client.xrange(audio, cursor, "+", count=SCAN_BATCH)
+        entries = await _xrange(client, audio, cursor, "+", SCAN_BATCH)
         for _, fields in entries:
             seq, pcm = fields.get(b"seq"), fields.get(b"pcm")
             if seq is None or pcm is None or len(pcm) != frame_bytes:

@@ -64,7 +64,7 @@ class _LossWatch:
         if now < self.next_check:
             return
         self.next_check = now + self.every
-        epoch, started_at = await self.redis.hmget(self.state, ["epoch", "started_at"])  # type: ignore[misc]
+        epoch, started_at = await self.redis.hmget(self.state, ["epoch", "started_at"])
         if epoch is not None:  # every worker-written state has an epoch
             if self.started_at is not None and started_at is not None and started_at != self.started_at:
                 raise self._lost("its state was deleted and re-created")

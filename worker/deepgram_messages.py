@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,9 +103,10 @@ def decode(raw: str | bytes) -> Message:
     if decoder is None:
         raise UnknownMessage(f"unknown message type {kind!r}")
     try:
-        return decoder(data)
+        message: Message = decoder(data)
     except Exception as exc:  # hostile input: any shape error is this one message's problem
         raise UnknownMessage(f"malformed {kind} message: {type(exc).__name__}") from None
+    return message
 
 
 def _time(value: Any) -> float:
@@ -148,7 +150,7 @@ def _results(d: dict[str, Any]) -> Results:
     )
 
 
-_DECODERS = {
+_DECODERS: dict[str, Callable[[dict[str, Any]], Message]] = {
     "Results": _results,
     "Metadata": lambda d: Metadata(d["request_id"], float(d["duration"])),
     "SpeechStarted": lambda d: SpeechStarted(_time(d["timestamp"])),

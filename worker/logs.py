@@ -148,7 +148,7 @@ def _is_tty(stream: TextIO) -> bool:
         return False
 
 
-class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+class _Handler(logging.StreamHandler):
     """Marker type, so that configure_logging can replace its own handler when called twice."""
 
 

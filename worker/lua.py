@@ -83,7 +83,9 @@ return {verdict, epoch, committed,
 # committed_seq >= seq_to and does nothing. A final that does not start right after the commit
 # point ('stale': the caller's idea of the commit point is behind Redis, e.g. a commit whose reply
 # it never saw) is refused: publishing it would repeat words; the caller re-reads and replays.
-COMMIT: Final = _WRITABLE + """
+COMMIT: Final = (
+    _WRITABLE
+    + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1')
 local seq_to = tonumber(ARGV[2])
@@ -100,12 +102,15 @@ redis.call('HSET', KEYS[1], 'committed_seq', seq_to, 'frames', seq_to + 1)
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'committed_id', ARGV[3]) end
 return 'ok'
 """
+)
 
 # KEYS: state, session results, partition results
 # ARGV: epoch, maxlen, once_flag ('' = always), type, sid, text, e
 # Best-effort events (partial, speech_started, utterance_end, session_started, error). With a
 # once_flag the event is published at most once per session, whichever owner gets there first.
-PUBLISH: Final = _WRITABLE + """
+PUBLISH: Final = (
+    _WRITABLE
+    + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 if not writable({KEYS[2], KEYS[3]}) then return redis.error_reply(WRONGTYPE) end
 if ARGV[3] ~= '' and redis.call('HSETNX', KEYS[1], ARGV[3], '1') == 0 then return 'dup' end
@@ -114,6 +119,7 @@ redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
 return 'ok'
 """
+)
 
 # KEYS: state, session results, partition results, audio, sessions, dead
 # ARGV: epoch, maxlen, sessions_entry_id, retention_s, status, reason, type, sid, text, e,
@@ -126,7 +132,9 @@ return 'ok'
 # A normal end names the commit point its owner reached: if Redis's is lower, Redis lost commits
 # after it (fsync everysec and a crash, a lagging replica promoted), and ending now would lose
 # their finals for good: 'stale', and the owner replays from Redis's commit point first.
-FINISH: Final = _WRITABLE + """
+FINISH: Final = (
+    _WRITABLE
+    + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'ended' or status == 'failed' then return 'dup' end
@@ -169,6 +177,7 @@ if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('XADD', KEYS[4], '*', 'end
 redis.call('EXPIRE', KEYS[4], ttl)
 return 'ok'
 """
+)
 
 # KEYS: sessions stream, state keys... ARGV: consumer, (entry_id, epoch) per state key
 # Renews the leases this worker still holds (resets the pending entries' idle time) and reports
@@ -204,7 +213,9 @@ return 'ok'
 # KEYS: state, session results, partition results, dead
 # ARGV: epoch, maxlen, flag, stream, entry_id, reason, type, sid, text, e
 # Reports one bad entry once: an error event and a dead letter, idempotent across replays.
-REJECT_ENTRY: Final = _WRITABLE + """
+REJECT_ENTRY: Final = (
+    _WRITABLE
+    + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 if not writable({KEYS[2], KEYS[3], KEYS[4]}) then return redis.error_reply(WRONGTYPE) end
 if redis.call('HSETNX', KEYS[1], ARGV[3], '1') == 0 then return 'dup' end
@@ -215,6 +226,7 @@ redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[2], '*', 'sid', ARGV[8], 'reason
   'stream', ARGV[4], 'entry', ARGV[5])
 return 'ok'
 """
+)
 
 # KEYS: sessions, dead [, state, session results, partition results, audio — only when the entry
 # names a valid sid of this partition]
@@ -225,7 +237,9 @@ return 'ok'
 # session_ended(rejected) events, a state hash saying so (status failed, reason rejected) and the
 # retention TTL on its keys. A bad entry never writes into a session that exists (live or ended):
 # it merely names it. Idempotent: an entry no longer pending was handled already ('dup').
-REJECT_SESSION: Final = _WRITABLE + """
+REJECT_SESSION: Final = (
+    _WRITABLE
+    + """
 if not writable({KEYS[2]}) or (#KEYS >= 6 and not writable({KEYS[4], KEYS[5], KEYS[6]})) then
   return redis.error_reply(WRONGTYPE)
 end
@@ -252,6 +266,7 @@ if redis.call('EXISTS', KEYS[6]) == 0 then redis.call('XADD', KEYS[6], '*', 'end
 redis.call('EXPIRE', KEYS[6], ttl)
 return 'rejected'
 """
+)
 
 # KEYS: sessions. ARGV: entry_id
 # Retires an entry that is no lease (a duplicate sessions entry of a session that runs).

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from redis.exceptions import ResponseError
@@ -205,7 +206,7 @@ class WorkerPool:
     async def _claim_new(self) -> None:
         """New sessions: XREADGROUP on the sessions streams, never more than free capacity."""
         backoff = Backoff(0.05, 2.0)
-        streams = dict.fromkeys(self.keys.all_sessions(), ">")
+        streams: dict[Any, Any] = dict.fromkeys(self.keys.all_sessions(), ">")
         while True:
             # Small batches, so that a burst of new sessions spreads over the workers that are
             # blocked waiting (Redis serves them in turn) instead of landing on one.
@@ -226,7 +227,7 @@ class WorkerPool:
                 await self._pause_after(backoff, exc)
                 continue
             backoff.reset()
-            for key, entries in reply or []:
+            for key, entries in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply or []):
                 for entry_id, fields in entries:
                     await self._start_session_safely(key.decode(), entry_id, fields, how="new")
 
@@ -409,7 +410,7 @@ class WorkerPool:
         self.owned[start.sid] = Owned(runner, task, entry_id, sessions_key)
         METRICS.sessions_claimed.labels(how).inc()
         METRICS.sessions_active.set(len(self.owned))
-        task.add_done_callback(lambda t, sid=start.sid: self._session_done(sid, t))
+        task.add_done_callback(functools.partial(self._session_done, start.sid))
         self.log.info(
             "session claimed",
             sid=start.sid,

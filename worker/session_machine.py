@@ -336,14 +336,14 @@ class SessionMachine:
         self.phase = Phase.CONNECTING
         return [Publish(started, once=STARTED_FLAG), Connect()]
 
-    def commit_point(self, seq: int, entry_id: bytes, finals: int | None = None) -> list[Action]:
+    def commit_point(self, seq: int, entry_id: bytes, finals: int | None = None) -> list[Note]:
         """Redis's commit point, read just before a connection opens. Redis is the authority:
         ahead of us (a commit whose reply was lost) or behind (Redis lost its last writes), it is
         adopted, and the next connection replays from it."""
         self._expect(Phase.CONNECTING)
         self.commit_point_fresh = True
         ledger = self.ledger
-        notes: list[Action] = []
+        notes: list[Note] = []
         if seq < ledger.committed_seq:
             notes.append(
                 Note(

@@ -11,6 +11,7 @@ without writing anything more.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -181,9 +182,10 @@ class SessionRunner:
                     if isinstance(action, sm.Send):
                         await self._send(conn, action)
                     elif isinstance(action, sm.ReadAudio):
-                        entries = await self._retry_redis(
-                            lambda a=action: self.ctx.store.read_range(self.keys.audio, a.after, a.count)
+                        read = functools.partial(
+                            self.ctx.store.read_range, self.keys.audio, action.after, action.count
                         )
+                        entries = await self._retry_redis(read)
                         queue.extend(machine.caught_up(entries, loop.time(), action.count))
                         # A long catch-up into a half-open socket never parks: check here too.
                         queue.extend(machine.tick(loop.time()))

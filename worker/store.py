@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -100,7 +100,7 @@ class SessionStore:
     # ----------------------------------------------------------------------------- leases
 
     async def acquire(self, sk: p.SessionKeys, owner: str, max_takeovers: int, entry_id: bytes) -> Acquired:
-        args = [owner, max_takeovers, now_ms(), entry_id]
+        args: list[Any] = [owner, max_takeovers, now_ms(), entry_id]
         raw = await self._acquire(keys=[sk.state, sk.sessions], args=args)
         status, epoch, cseq, cid, frames, finals, takeovers, stalled = raw
         return Acquired(
@@ -155,11 +155,11 @@ class SessionStore:
             raise await self.fenced(sk)
         if int(epoch_now) != epoch:
             raise Fenced(sk.sid)
-        return int(seq or -1), entry or b"0-0", int(finals or 0)
+        return int(seq or -1), _b(entry) if entry else b"0-0", int(finals or 0)
 
     async def publish(self, sk: p.SessionKeys, epoch: int, event: dict[str, Any], once: str = "") -> str:
         fields = p.encode_event(event)
-        args = [
+        args: list[Any] = [
             epoch,
             self.maxlen,
             once,
@@ -178,7 +178,7 @@ class SessionStore:
     ) -> str:
         fields = p.encode_event(event)
         flag = f"bad:{entry_id.decode()}"
-        args = [
+        args: list[Any] = [
             epoch,
             self.maxlen,
             flag,
@@ -249,7 +249,8 @@ class SessionStore:
         self, audio_key: str, after_id: bytes, count: int
     ) -> list[tuple[bytes, dict[bytes, bytes]]]:
         """Audio entries strictly after `after_id` (XRANGE with an exclusive start, Redis >= 6.2)."""
-        return await self.redis.xrange(audio_key, min=b"(" + after_id, max="+", count=count)
+        entries = await self.redis.xrange(audio_key, min=b"(" + after_id, max="+", count=count)
+        return cast(list[tuple[bytes, dict[bytes, bytes]]], entries)
 
     # ----------------------------------------------------------------------------- intake
 

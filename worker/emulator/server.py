@@ -264,10 +264,10 @@ class EmulatorServer:
                 self.stats.reset()
             return self._json(connection, 200, json.dumps(body))
         if path == CONTROL_PREFIX + "finals":
-            body = {"finals": list(self.stats.final_times)}
+            finals = {"finals": list(self.stats.final_times)}
             if reset:
                 self.stats.final_times.clear()
-            return self._json(connection, 200, json.dumps(body))
+            return self._json(connection, 200, json.dumps(finals))
         if path == CONTROL_PREFIX + "health":
             return self._json(connection, 200, json.dumps({"ok": True, "engine": self.engine}))
         return self._json(connection, 404, json.dumps({"error": f"unknown control endpoint {path}"}))

@@ -27,7 +27,7 @@ from typing import Any, Final
 from .events import BadAudio, Event, SpeechStarted, Transcript, UtteranceEnd, Word, seconds
 
 try:  # optional dependency
-    from pocketsphinx import Decoder, Endpointer  # type: ignore[import-untyped]
+    from pocketsphinx import Decoder, Endpointer
 except ImportError:  # pragma: no cover - depends on the environment
     Decoder = Endpointer = None
 
