@@ -470,8 +470,7 @@ class SessionMachine:
                 continue
             if isinstance(item, p.EndMarker):
                 self.end_seen = True
-                self._flush(batch, now, actions)
-                batch = []
+                self._flush(batch, now, actions)  # every way out of this branch returns
                 declared = item.frames
                 if declared is not None and declared > ledger.next_seq:
                     missing = declared - ledger.next_seq
