@@ -191,32 +191,20 @@ def test_request_id_comes_from_results_metadata_and_is_per_connection() -> None:
     assert started.event["request_id"] == ""  # not the previous connection's
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: SessionRunner._connection sets machine.request_id from the handshake "
-    "(dg-request-id) before calling machine.connected(), which clears it, so events before the "
-    "first Results with metadata carry request_id ''. Fix in the runner (assign after connected) "
-    "or let connected() take the handshake id.",
-)
-def test_handshake_request_id_set_the_way_the_runner_does_reaches_events() -> None:
+def test_handshake_request_id_reaches_events_before_any_results() -> None:
+    """The runner hands Deepgram's request id from the handshake (dg-request-id) to connected()."""
     m = machine()
     m.begin(0.0, STARTED)
     m.commit_point(-1, b"0-0")
-    m.request_id = "hs-1"  # session_runner._connection, right after the handshake
-    m.connected(0.0)  # session_runner._converse
+    m.connected(0.0, request_id="hs-1")
     m.caught_up([], 0.0)
     (started,) = m.message(dm.SpeechStarted(0.0), 0.1)
     assert started.event["request_id"] == "hs-1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: `replies` is reset only in connected(), so after one connection that got replies, "
-    "failed handshakes (connected() never called) keep seeing replies > 0: attempts stays 1 and "
-    "the backoff is reset each time, so a session retries forever every ~backoff_initial s "
-    "instead of giving up after max_retries.",
-)
 def test_failed_handshakes_after_a_working_connection_still_give_up() -> None:
+    """A working connection resets the count of failures in a row; the failed handshakes that
+    follow have no replies of their own and count again (it used to retry forever)."""
     m = live_machine(rules(max_retries=2))
     m.message(final(0.0, 0.0), 0.1)
     assert isinstance(m.failed(DROP, 0.2)[-1], sm.Reconnect)  # attempts = 1
@@ -296,12 +284,6 @@ def test_end_marker_missing_more_than_max_gap_frames_fails_the_session() -> None
     assert end.dead_reason == "bad input: end marker says 5 frames were sent, but only 1 arrived"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/protocol.md: entries after the end marker in the same read get `after_end` each; "
-    "_process returns through _fatal_input before its after_end loop when the marker itself is "
-    "fatal (declares more missing frames than max_gap_frames), so those entries are not reported.",
-)
 def test_entries_after_a_fatal_end_marker_are_reported_too() -> None:
     m = live_machine(rules(max_gap_frames=3))
     actions = m.live([entry(0), end_entry(1, frames=5), entry(2, seq=1)], 0.0)

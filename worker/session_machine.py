@@ -361,7 +361,8 @@ class SessionMachine:
             self.finals = finals
         return notes
 
-    def connected(self, now: float) -> list[Action]:
+    def connected(self, now: float, request_id: str = "") -> list[Action]:
+        """The connection is open; `request_id` is Deepgram's from the handshake (dg-request-id)."""
         self._expect(Phase.CONNECTING)
         if not self.commit_point_fresh:
             raise MachineError("connected() before the commit point was read from Redis")
@@ -371,7 +372,7 @@ class SessionMachine:
         self.pacer.start(now)
         self.clock.start(now)
         self.replies = 0
-        self.request_id = ""
+        self.request_id = request_id
         if self.closing is not None:
             # Input had already stopped (end marker, fatal input) when the connection failed:
             # replay up to the same point and close again. The catch-up read finds that point.
@@ -471,6 +472,11 @@ class SessionMachine:
             if isinstance(item, p.EndMarker):
                 self.end_seen = True
                 self._flush(batch, now, actions)  # every way out of this branch returns
+                # Whatever follows the end marker is off-contract: say so, once per entry.
+                for late_id, _ in entries[index + 1 :]:
+                    actions.append(
+                        self._reject(late_id, "after_end", "entry appended after the end marker; ignored")
+                    )
                 declared = item.frames
                 if declared is not None and declared > ledger.next_seq:
                     missing = declared - ledger.next_seq
@@ -480,11 +486,6 @@ class SessionMachine:
                         )
                         return self._fatal_input(actions, detail, now)
                     self._fill_gap(missing, declared, now, actions)
-                # Whatever follows the end marker is off-contract: say so, once per entry.
-                for late_id, _ in entries[index + 1 :]:
-                    actions.append(
-                        self._reject(late_id, "after_end", "entry appended after the end marker; ignored")
-                    )
                 return self._stop_input(actions, _Closing(p.STATUS_ENDED, p.END_COMPLETED), now)
             admission, missing = ledger.admit(item.seq)
             if admission is Admission.DUPLICATE:
@@ -674,8 +675,10 @@ class SessionMachine:
                 ),
                 error_message=failure.reason,
             )
-        # A connection that got replies worked: count failures in a row, not in a lifetime.
+        # A connection that got replies worked: count failures in a row, not in a lifetime. The
+        # replies are this connection's: a handshake that fails next has had none.
         self.attempts = 1 if self.replies > 0 else self.attempts + 1
+        self.replies = 0
         if self.attempts > self.rules.max_retries:
             return self._end(
                 _Closing(

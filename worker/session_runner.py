@@ -154,7 +154,6 @@ class SessionRunner:
         self.inline_error, self.parked_conn = None, None
         try:
             async with self.ctx.link.connect(self.options, self.start.format) as conn:
-                machine.request_id = request_id_of(conn)
                 METRICS.connections.inc()
                 return await self._converse(conn)
         except (asyncio.CancelledError, Fenced):
@@ -173,7 +172,7 @@ class SessionRunner:
     async def _converse(self, conn: Any) -> list[sm.Action]:
         loop = asyncio.get_running_loop()
         machine = self.machine
-        queue: deque[sm.Action] = deque(machine.connected(loop.time()))
+        queue: deque[sm.Action] = deque(machine.connected(loop.time(), request_id_of(conn)))
         receiver = asyncio.create_task(self._receive(conn))
         try:
             while True:
