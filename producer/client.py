@@ -44,12 +44,10 @@ when the session ends.
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Self
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -81,6 +79,7 @@ from producer.protocol import (
     frame_fields,
     validate_sid,
 )
+from producer.secrets import redact_url, url_password
 from producer.transcripts import SessionLost
 
 __all__ = [
@@ -93,6 +92,7 @@ __all__ = [
     "SessionLost",
     "connect",
     "redact_url",
+    "url_password",
 ]
 
 # TTL of a session's audio stream while the producer writes it: as long as the worker's default
@@ -115,41 +115,6 @@ def connect(url: str, *, retries: int = 3, **kwargs: Any) -> aioredis.Redis:
     kwargs.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
     kwargs.setdefault("socket_connect_timeout", 5)
     return aioredis.Redis.from_url(url, **kwargs)
-
-
-_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>.*)@")
-
-
-def url_password(url: str) -> str:
-    """The password in a URL's user information ('' if none), whatever characters it holds."""
-    match = _USERINFO.match(url)
-    if not match or ":" not in match.group("userinfo"):
-        return ""
-    return match.group("userinfo").split(":", 1)[1]
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***, for messages and logs.
-
-    Everything between `scheme://` and the last `@` is user information, whatever characters the
-    password holds (an unescaped `/`, `?` or `#` makes urlsplit see no password at all).
-    """
-    match = _USERINFO.match(url)
-    if match and ":" in match.group("userinfo"):
-        user = match.group("userinfo").split(":", 1)[0]
-        return f"{match.group('scheme')}{user}:***@{url[match.end() :]}"
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port else ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
-    except ValueError:
-        return "<unparsable redis url>"
 
 
 class Producer:

@@ -8,22 +8,33 @@
 The standard library's `logging` (the deepgram SDK and websockets log through it) goes to the same
 stream through the same renderer and redaction, at WARNING and above only.
 
-Redaction: every string in a log line (event, values, nested dicts/lists, rendered tracebacks)
-has each registered secret replaced with "***" and the password of any URL
-(`redis://user:pass@host`, `?password=...`) masked. It runs after the traceback is rendered to text,
-so a secret in an exception message is masked too; tracebacks never show local variables.
+Redaction (producer/secrets.py, whose docstring says how and why): every string in a log line
+(event, values, nested dicts/lists, rendered tracebacks) has the registered URLs and secrets masked
+and the password of any URL (`redis://user:pass@host`, `?password=...`) replaced by "***", however
+it is written. It runs after the traceback is rendered to text, so a secret in an exception message
+is masked too; tracebacks never show local variables.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
-import threading
-from typing import Any, TextIO
+from typing import TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+# The one redactor lives with the producer (the producer CLI needs it and must not import the
+# worker); re-exported here for the worker's callers.
+from producer.secrets import (
+    MASK,
+    clear_secrets,
+    redact,
+    redact_url,
+    redact_value,
+    register_secret,
+    register_url,
+)
 
 __all__ = [
     "MASK",
@@ -33,10 +44,9 @@ __all__ = [
     "redact_url",
     "redact_value",
     "register_secret",
+    "register_url",
 ]
 
-MASK = "***"
-MIN_SECRET_LEN = 4
 LEVELS = {
     "critical": logging.CRITICAL,
     "error": logging.ERROR,
@@ -46,79 +56,6 @@ LEVELS = {
     "debug": logging.DEBUG,
 }
 FORMATS = ("auto", "json", "console")
-
-_secrets: set[str] = set()
-_secrets_re: re.Pattern[str] | None = None
-_secrets_lock = threading.Lock()
-
-# scheme://user:PASSWORD@host  (user may be empty: redis://:PASSWORD@host)
-_URL_PASSWORD_RE = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?=@)")
-# ...?password=PASSWORD&...
-_QUERY_PASSWORD_RE = re.compile(
-    r"(?P<head>[?&](?:password|passwd|pass|token)=)(?P<pw>[^&#\s]+)", re.IGNORECASE
-)
-
-
-def register_secret(value: str | None) -> None:
-    """Mask `value` wherever it appears in a log line from now on. Empty or < 4 chars is ignored."""
-    global _secrets_re
-    if not value or not isinstance(value, str) or len(value) < MIN_SECRET_LEN:
-        return
-    with _secrets_lock:
-        if value in _secrets:
-            return
-        _secrets.add(value)
-        # Longest first, so a secret that contains another one is masked whole.
-        ordered = sorted(_secrets, key=len, reverse=True)
-        _secrets_re = re.compile("|".join(re.escape(s) for s in ordered))
-
-
-def clear_secrets() -> None:
-    """Forget every registered secret (for tests)."""
-    global _secrets_re
-    with _secrets_lock:
-        _secrets.clear()
-        _secrets_re = None
-
-
-def redact_url(url: str) -> str:
-    """Mask the password in a URL: redis://user:pass@host:6379/0 -> redis://user:***@host:6379/0.
-
-    Also masks `?password=` style query parameters. Works on any text that contains URLs.
-    """
-    if "://" in url:
-        url = _URL_PASSWORD_RE.sub(lambda m: m.group("head") + MASK, url)
-    if "=" in url:
-        url = _QUERY_PASSWORD_RE.sub(lambda m: m.group("head") + MASK, url)
-    return url
-
-
-def redact(text: str) -> str:
-    """Mask registered secrets and URL passwords in a string."""
-    pattern = _secrets_re
-    if pattern is not None:
-        text = pattern.sub(MASK, text)
-    return redact_url(text)
-
-
-def redact_value(value: Any, _depth: int = 0) -> Any:
-    """Redact strings inside `value`, recursing into dicts, lists, tuples and sets (copies, never mutates)."""
-    if isinstance(value, str):
-        return redact(value)
-    if _depth > 8:
-        return value
-    if isinstance(value, dict):
-        return {k: redact_value(v, _depth + 1) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact_value(v, _depth + 1) for v in value]
-    if isinstance(value, tuple):
-        return tuple(redact_value(v, _depth + 1) for v in value)
-    if isinstance(value, set | frozenset):
-        return {redact_value(v, _depth + 1) for v in value}
-    if isinstance(value, BaseException):
-        # An exception object passed as a value would be repr'd by the renderer: redact that text.
-        return redact(repr(value))
-    return value
 
 
 def redact_processor(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
