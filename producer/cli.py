@@ -26,7 +26,7 @@ from producer import transcripts
 from producer.aio import cancel_and_wait
 from producer.audio import AudioFileError, read_audio_file
 from producer.batcher import ProducerConnectionError, ProducerError
-from producer.client import Producer, ProducerSession, connect, redact_url, url_password
+from producer.client import Producer, ProducerSession, connect
 from producer.options import parse_option_pairs, validate_options
 from producer.pacing import Pacer
 from producer.protocol import (
@@ -45,6 +45,7 @@ from producer.protocol import (
     SessionStart,
     validate_sid,
 )
+from producer.secrets import check_url_password, describe_url_error, redact, redact_url, register_url
 
 T = TypeVar("T")
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -53,13 +54,21 @@ SCAN_BATCH = 1000  # XRANGE page size when searching the sessions stream
 DASH = "\u2013"  # en dash between start and end times, as in subtitles
 
 
-class BadInput(click.ClickException):
+class _RedactedError(click.ClickException):
+    """Every error this CLI prints goes through the redactor: the last line of defence for a
+    password a library echoed in a message we did not expect."""
+
+    def format_message(self) -> str:
+        return redact(self.message)
+
+
+class BadInput(_RedactedError):
     """The user's input cannot work (file, option, missing session): exit 2 like a usage error."""
 
     exit_code = 2
 
 
-class RuntimeFailure(click.ClickException):
+class RuntimeFailure(_RedactedError):
     """Something failed while running (Redis unreachable, session failed): exit 1."""
 
     exit_code = 1
@@ -122,10 +131,13 @@ def _sid(sid: str | None) -> str | None:
 
 
 def _client(url: str) -> aioredis.Redis:
+    # From here on, every message of this process masks this URL and its password, however written.
+    register_url(url)
     try:
+        check_url_password(url)
         return connect(url)
     except ValueError as exc:
-        raise BadInput(f"bad --redis-url {redact_url(url)}: {_scrub(str(exc), url)}") from None
+        raise BadInput(f"bad --redis-url {redact_url(url)}: {_scrub(exc, url)}") from None
 
 
 def _run(url: str, main: Callable[[aioredis.Redis], Coroutine[Any, Any, T]]) -> T:
@@ -145,18 +157,16 @@ def _run(url: str, main: Callable[[aioredis.Redis], Coroutine[Any, Any, T]]) -> 
     except KeyboardInterrupt:
         sys.exit(130)
     except (RedisConnectionError, RedisTimeoutError, ProducerConnectionError) as exc:
-        raise RuntimeFailure(f"cannot reach Redis at {where}: {_scrub(str(exc), url)}") from None
+        raise RuntimeFailure(f"cannot reach Redis at {where}: {_scrub(exc, url)}") from None
     except RedisError as exc:
-        raise RuntimeFailure(f"Redis error at {where}: {_scrub(str(exc), url)}") from None
+        raise RuntimeFailure(f"Redis error at {where}: {_scrub(exc, url)}") from None
     except ProducerError as exc:
-        raise RuntimeFailure(_scrub(str(exc), url)) from None
+        raise RuntimeFailure(redact(str(exc))) from None
 
 
-def _scrub(text: str, url: str) -> str:
-    """Remove the URL's password from a message, wherever a library may have echoed it."""
-    text = text.replace(url, redact_url(url))
-    password = url_password(url)
-    return text.replace(password, "***") if password else text
+def _scrub(exc: BaseException, url: str) -> str:
+    """A library's message about `url`, with no part of its password (producer/secrets.py)."""
+    return describe_url_error(exc, url)
 
 
 # ---------------------------------------------------------------------------------- output

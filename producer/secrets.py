@@ -52,6 +52,7 @@ from urllib.parse import unquote
 __all__ = [
     "MASK",
     "MIN_SECRET_LEN",
+    "URLPasswordError",
     "check_url_password",
     "clear_secrets",
     "describe_url_error",
@@ -289,6 +290,10 @@ def redact_value(value: Any, _depth: int = 0) -> Any:
 _BREAKS_AUTHORITY = "/?#"
 
 
+class URLPasswordError(ValueError):
+    """A URL's password is written so that clients would misread it; the message never quotes it."""
+
+
 def check_url_password(url: str) -> None:
     """Raise ValueError (a message without the password) if the URL's password cannot be parsed
     as written: an unescaped `/`, `?` or `#` in it makes redis-py see another host and password."""
@@ -296,7 +301,9 @@ def check_url_password(url: str) -> None:
     bad = sorted({c for c in password if c in _BREAKS_AUTHORITY})
     if bad:
         codes = ", ".join(f"'{c}' as %{ord(c):02X}" for c in bad)
-        raise ValueError(f"the password holds a character that ends the address: percent-encode it ({codes})")
+        raise URLPasswordError(
+            f"the password holds a character that ends the address: percent-encode it ({codes})"
+        )
 
 
 def describe_url_error(exc: BaseException, url: str) -> str:
@@ -306,6 +313,8 @@ def describe_url_error(exc: BaseException, url: str) -> str:
     'host' cut out of the password), which substring masking cannot recognise: then only the
     exception's type is given, with the usual cause."""
     name = type(exc).__name__
+    if isinstance(exc, URLPasswordError):
+        return str(exc)
     if url_password(url) and isinstance(exc, ValueError):
         return f"{name} (message withheld: it may quote part of the password; percent-encode / ? # in it)"
     text = str(exc).replace(url.strip(), redact_url(url.strip())) if url else str(exc)

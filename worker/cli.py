@@ -10,9 +10,8 @@ from typing import Any
 
 import click
 
-from producer.client import url_password
 from worker.config import ConfigError, Settings, load_settings
-from worker.logs import configure_logging, register_secret
+from worker.logs import configure_logging, register_secret, register_url
 
 
 def tune_gc() -> None:
@@ -76,7 +75,7 @@ def worker(**flags: Any) -> None:
     """
     settings = _settings(**flags)
     configure_logging(settings.log_level, settings.log_format)
-    register_secret(url_password(settings.redis_url))
+    register_url(settings.redis_url)  # its exact text and its password, in every log line
     from worker.metrics import METRICS
     from worker.pool import WorkerPool
 

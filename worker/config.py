@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.secrets import check_url_password, redact
+
 DEEPGRAM_PRODUCTION_URL = "wss://api.deepgram.com"
 
 
@@ -83,6 +85,9 @@ class Settings(BaseSettings):
     def _redis_scheme(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        # A password redis-py would misread (an unescaped / ? #) sends it to a host made of part
+        # of the password, which its errors then print: refuse it here, without quoting it.
+        check_url_password(value)
         return value
 
     @field_validator("deepgram_url")
@@ -133,7 +138,8 @@ def load_settings(**overrides: object) -> Settings:
                 continue
             env = f"VOXQUEUE_{name.upper()}" if name != "deepgram_api_key" else "DEEPGRAM_API_KEY"
             problems.append(f"{name} ({env}): {err['msg']}")
-        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+        # redact(): no message here quotes an input, but a URL in one must still come out masked.
+        raise ConfigError(redact("invalid configuration: " + "; ".join(problems))) from None
     if settings.uses_real_deepgram and not settings.api_key():
         raise ConfigError(
             "DEEPGRAM_API_KEY is not set: set it to use Deepgram, or point VOXQUEUE_DEEPGRAM_URL "
