@@ -24,6 +24,7 @@ from redis.exceptions import ResponseError
 
 from producer import protocol as p
 from producer.options import validate_options
+from producer.secrets import describe_url_error, redact_url
 from worker.audio_reader import AudioReader
 from worker.backoff import Backoff
 from worker.config import Settings
@@ -103,8 +104,14 @@ class WorkerPool:
             concurrency=self.settings.concurrency,
             partitions=self.settings.partitions,
             deepgram=self.settings.deepgram_url,
+            redis=redact_url(self.settings.redis_url),
         )
-        await self._ensure_session_groups()
+        if not await self._ensure_session_groups():
+            # A signal during start-up: nothing is owned yet, so there is nothing to drain.
+            await self._teardown([])
+            self.log.info("worker stopped during start-up")
+            return
+        self.starting = False
         background = [
             asyncio.create_task(self._supervised("reader", self.reader.run)),
             asyncio.create_task(self._supervised("claim", self._claim_new)),
@@ -173,12 +180,20 @@ class WorkerPool:
                 )
                 await asyncio.sleep(delay)
 
+    starting = True  # until run() has its sessions groups: a signal then stops the start-up
+
     def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop the worker; install before run(), so start-up can be stopped too."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        if self.starting and not self.stop_requested.is_set():
+            self.log.info("signal received during start-up: stopping", signal=sig.name)
+            self.claiming = False
+            self.stop_requested.set()
+            return
         if self.stop_requested.is_set():
             self.log.warning("second signal: exiting now; leases will expire", signal=sig.name)
             self.hard_stop.set()
@@ -189,17 +204,40 @@ class WorkerPool:
         self.claiming = False
         self.stop_requested.set()
 
-    async def _ensure_session_groups(self) -> None:
+    async def _ensure_session_groups(self) -> bool:
+        """Create the sessions groups, retrying while Redis is unreachable; False if a stop signal
+        came first. Both the attempt (one can take a client's whole retry budget against an
+        unreachable host) and the pause race the signal, so a stop during start-up is prompt."""
+        url = self.settings.redis_url
         backoff = Backoff(0.1, 2.0)
-        while True:
-            try:
-                for key in self.keys.all_sessions():
-                    await self.store.ensure_group(key, "0")
-                return
-            except TRANSIENT_REDIS_ERRORS as exc:
-                delay = backoff.next_delay()
-                self.log.warning("redis unavailable at start-up, retrying", error=type(exc).__name__)
-                await asyncio.sleep(delay)
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        try:
+            while True:
+                attempt = asyncio.ensure_future(self._create_session_groups())
+                await asyncio.wait([attempt, stop], return_when=asyncio.FIRST_COMPLETED)
+                if stop.done():
+                    await _stop([attempt], SESSION_STOP_SECONDS)
+                    return False
+                try:
+                    attempt.result()
+                    return True
+                except TRANSIENT_REDIS_ERRORS as exc:
+                    delay = backoff.next_delay()
+                    self.log.warning(
+                        "redis unreachable at start-up, retrying",
+                        redis=redact_url(url),
+                        error=describe_url_error(exc, url),
+                        retry_in=round(delay, 2),
+                    )
+                await asyncio.wait([stop], timeout=delay)
+                if stop.done():
+                    return False
+        finally:
+            stop.cancel()
+
+    async def _create_session_groups(self) -> None:
+        for key in self.keys.all_sessions():
+            await self.store.ensure_group(key, "0")
 
     # ------------------------------------------------------------------------------ claiming
 
