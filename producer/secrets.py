@@ -57,6 +57,7 @@ __all__ = [
     "clear_secrets",
     "describe_url_error",
     "redact",
+    "redact_field",
     "redact_url",
     "redact_value",
     "register_secret",
@@ -79,6 +80,7 @@ _QUERY_SECRET_RE = re.compile(
     r"(?P<value>[^&#\s]*)",
     re.IGNORECASE,
 )
+_QUERY_SECRET_WHOLE_RE = re.compile(_QUERY_SECRET_RE.pattern.replace(r"[^&#\s]*", "[^&#]*"), re.IGNORECASE)
 # What follows `host:` when it is a port and not a password: digits, then the end of the authority.
 _PORT_RE = re.compile(r"^\d{1,5}(?:[/?#]|$)")
 
@@ -125,22 +127,27 @@ def _query_secrets(url: str) -> list[str]:
 def redact_url(url: str) -> str:
     """The URL with its password (user information, password query parameters) replaced by ***.
 
-    Given a whole URL (no whitespace-separated text around it), everything up to its last `@` is
-    user information. Given text, every URL in it is masked as `redact` does, minus registered secrets.
+    Given a whole URL (callers pass the URL itself), everything up to its last `@` is user
+    information and a query value runs to the next `&` or `#`, spaces included. Text that does not
+    start with a URL is masked as `redact` does, minus registered secrets.
     """
     if _WHOLE_URL_RE.match(url) and "\n" not in url:
         parts = _split_userinfo(url)
         if parts is not None:
             scheme, userinfo, rest = parts
             url = f"{scheme}{_mask_userinfo(userinfo)}@{rest}"
-        return _mask_query(url)
-    return _mask_query(_mask_urls_in_text(url))
+        return _QUERY_SECRET_WHOLE_RE.sub(_masked_value, url)
+    return _redact_text(url)
 
 
-def _mask_query(text: str) -> str:
-    if "=" not in text:
-        return text
-    return _QUERY_SECRET_RE.sub(lambda m: m.group("head") + (MASK if m.group("value") else ""), text)
+def _masked_value(match: re.Match[str]) -> str:
+    return match.group("head") + (MASK if match.group("value") else "")
+
+
+def _redact_text(text: str) -> str:
+    """Every URL in free text: its end is a guess (see the module docstring)."""
+    text = _mask_urls_in_text(text)
+    return _QUERY_SECRET_RE.sub(_masked_value, text) if "=" in text else text
 
 
 def _mask_urls_in_text(text: str) -> str:
@@ -236,7 +243,7 @@ def redact(text: str) -> str:
     pattern = _secrets_re
     if pattern is not None:
         text = pattern.sub(MASK, text)
-    return redact_url(text)
+    return _redact_text(text)
 
 
 def _secret_key(key: Any) -> bool:
@@ -255,6 +262,11 @@ def _mask_field(key: str, value: Any) -> Any:
         if match:
             return f"{match.group(1)} {MASK}"
     return MASK
+
+
+def redact_field(key: Any, value: Any) -> Any:
+    """The value of field `key`: masked whole if the name says it is a secret, else redacted."""
+    return _mask_field(key, value) if _secret_key(key) else redact_value(value)
 
 
 def redact_value(value: Any, _depth: int = 0) -> Any:

@@ -163,3 +163,38 @@ def test_bad_level_or_format_is_rejected() -> None:
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        # The cases issue 8 found: part of the password leaked, or none of it was masked.
+        ("cannot reach redis://u:p@ss@host:6379/0", f"cannot reach redis://u:{MASK}@host:6379/0"),
+        ("cannot reach redis://u:pa ss@h:1/0 (refused)", f"cannot reach redis://u:{MASK}@h:1/0 (refused)"),
+        (
+            "at rediss://:a@h:1 and unix:///s.sock?password=ab",
+            f"at rediss://:{MASK}@h:1 and unix:///s.sock?password={MASK}",
+        ),
+    ],
+)
+def test_worker_log_lines_mask_awkward_url_passwords_whole(
+    out: io.StringIO, line: str, expected: str
+) -> None:
+    configure_logging("info", "json", stream=out)
+    structlog.get_logger("t").warning(line, url=line)
+    logging.getLogger("redis").warning("%s", line)
+    first, second = lines(out)
+    assert first["event"] == first["url"] == second["event"] == expected
+
+
+def test_worker_log_masks_its_registered_short_password_only_where_it_is_a_secret(out: io.StringIO) -> None:
+    from worker.logs import register_url
+
+    configure_logging("info", "json", stream=out)
+    url = "redis://u:ab@redis:6379/0"
+    register_url(url)
+    structlog.get_logger("t").info("ready", redis=url, note="a tab, about", password="ab")
+    [line] = lines(out)
+    assert line["redis"] == f"redis://u:{MASK}@redis:6379/0"
+    assert line["note"] == "a tab, about"  # a 2-character password is not masked as a substring
+    assert line["password"] == MASK  # but a field named like a secret is masked whatever its length

@@ -58,7 +58,9 @@ def _wait_for(path: Path, event: str, count: int, proc: subprocess.Popen[bytes])
             return found
         assert proc.poll() is None, f"worker exited early:\n{path.read_text(errors='replace')}"
         time.sleep(0.05)
-    raise AssertionError(f"no {count}x {event!r} within {START_SECONDS} s:\n{path.read_text(errors='replace')}")
+    raise AssertionError(
+        f"no {count}x {event!r} within {START_SECONDS} s:\n{path.read_text(errors='replace')}"
+    )
 
 
 def _stop_and_time(proc: subprocess.Popen[bytes]) -> float:

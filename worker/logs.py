@@ -30,6 +30,7 @@ from producer.secrets import (
     MASK,
     clear_secrets,
     redact,
+    redact_field,
     redact_url,
     redact_value,
     register_secret,
@@ -65,7 +66,7 @@ def redact_processor(_logger: WrappedLogger, _method: str, event_dict: EventDict
             continue
         if value is None or isinstance(value, bool | int | float):
             continue
-        event_dict[key] = redact_value(value)
+        event_dict[key] = redact_field(key, value)
     return event_dict
 
 
