@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,9 @@ PASSWORD = "pW@ss w0rd:Qz"
 FRAGMENTS = ("pW@ss", "ss w0rd", "w0rd:Qz", "Qz")
 START_SECONDS = 20.0  # interpreter start and imports on a loaded 2-core machine
 STOP_SECONDS = 5.0  # SIGTERM to exit: the start-up has nothing to drain
+
+
+StartWorker = Callable[[int], tuple[subprocess.Popen[bytes], Path, str]]
 
 
 def _env() -> dict[str, str]:
@@ -75,7 +78,7 @@ def _stop_and_time(proc: subprocess.Popen[bytes]) -> float:
 
 
 @pytest.fixture
-def worker_at(tmp_path: Path) -> Iterator[callable]:  # type: ignore[valid-type]
+def worker_at(tmp_path: Path) -> Iterator[StartWorker]:
     procs: list[subprocess.Popen[bytes]] = []
     handles = []
 
@@ -107,7 +110,7 @@ def _assert_no_password(text: str) -> None:
         assert fragment not in text, f"{fragment!r} leaked:\n{text}"
 
 
-def test_unreachable_redis_is_named_masked_and_sigterm_stops_the_start_up(worker_at) -> None:  # type: ignore[no-untyped-def]
+def test_unreachable_redis_is_named_masked_and_sigterm_stops_the_start_up(worker_at: StartWorker) -> None:
     port = free_port()  # nothing listens there: connection refused, again and again
     proc, log, _url = worker_at(port)
     warnings = _wait_for(log, "redis unreachable at start-up, retrying", 2, proc)
@@ -127,7 +130,7 @@ def test_unreachable_redis_is_named_masked_and_sigterm_stops_the_start_up(worker
     print(f"SIGTERM to exit while retrying: {took:.2f} s")
 
 
-def test_sigterm_stops_a_start_up_stuck_on_a_redis_that_never_answers(worker_at) -> None:  # type: ignore[no-untyped-def]
+def test_sigterm_stops_a_start_up_stuck_on_a_redis_that_never_answers(worker_at: StartWorker) -> None:
     # A server that accepts and reads but never answers: the worker's first command waits for a
     # reply that never comes, and no retry warning is ever due. Only the signal can end that wait.
     with socket.socket() as silent:
