@@ -6,18 +6,34 @@ Speech comes from the bundled sample (worker/assets/sample.wav), so no test need
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import logging
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 import wave
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
 
+from producer import transcripts
+from producer.client import Producer
+from producer.protocol import SESSION_ENDED, Keys, encode_event
+from producer.transcripts import SessionUnclaimed
+from tests.harness import reap
 from tests.test_emulator import listen, read_all
 from worker.config import Settings
 from worker.emulator import EmulatorServer, speech_available
 from worker.emulator.events import Transcript
 from worker.emulator.speech import ANSWER_EVERY_S, SpeechEngine
+from worker.redis_server import RedisServer, child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "worker" / "assets" / "sample.wav"
@@ -79,3 +95,98 @@ def test_speech_engine_answers_during_long_continuous_speech(interim: bool) -> N
     # The worst gap a client can see (plus the endpointer's longest window, 2 s) stays inside the
     # worker's default stall watchdog.
     assert Settings.model_fields["stall_seconds"].default > ANSWER_EVERY_S + 2.0
+
+
+# --------------------------------------------------------------------- nobody claims the session
+
+
+async def test_library_reader_warns_then_gives_up_when_no_worker_claims(
+    redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No worker (or one on another namespace, partition count or database): the reader used to
+    wait forever without a word. Now it warns once, naming what to check, and with
+    `unclaimed_timeout` gives up with SessionUnclaimed."""
+    async with Producer(redis_client, namespace="mine", partitions=3) as producer:
+        session = await producer.open_session("nobody-home")
+        await session.send(bytes(FRAME * 3))
+        await session.end()
+        caplog.set_level(logging.WARNING, logger="voxqueue.producer")
+        events = transcripts.follow_session(
+            redis_client,
+            producer.keys,
+            session.sid,
+            block_ms=50,
+            state_check_seconds=0.05,
+            unclaimed_warning=0.2,
+            unclaimed_timeout=0.6,
+        )
+        started = time.monotonic()
+        with pytest.raises(SessionUnclaimed) as raised:
+            async for _ in events:
+                pass
+        assert 0.6 <= time.monotonic() - started < 5
+        (warning,) = [r.getMessage() for r in caplog.records if "no worker has claimed" in r.getMessage()]
+        for hint in ("nobody-home", "db 0", "namespace ('mine')", "partition count (3)"):
+            assert hint in warning and hint in str(raised.value)
+        # The library's own entry point passes the timeout through.
+        with pytest.raises(SessionUnclaimed):
+            async for _ in session.events(unclaimed_timeout=0.01):
+                pass
+
+
+async def test_library_reader_does_not_warn_once_a_worker_holds_the_session(
+    redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = Keys()
+    state = keys.session("claimed").state
+    await redis_client.hset(state, mapping={"epoch": 1, "started_at": 1, "status": "running"})
+    caplog.set_level(logging.WARNING, logger="voxqueue.producer")
+    reader = transcripts.follow_session(
+        redis_client, keys, "claimed", block_ms=50, state_check_seconds=0.05, unclaimed_warning=0.1
+    )
+    first = asyncio.ensure_future(reader.__anext__())
+    done, _ = await asyncio.wait([first], timeout=0.5)
+    assert not done  # still waiting for events, quietly: the session is claimed
+    ended = {"v": 1, "id": "claimed/e", "type": SESSION_ENDED, "sid": "claimed", "ts": 1, "epoch": 1}
+    await redis_client.xadd(keys.session("claimed").results, encode_event(ended))  # type: ignore[arg-type]
+    assert (await asyncio.wait_for(first, 5))["type"] == SESSION_ENDED
+    assert not [r for r in caplog.records if "no worker has claimed" in r.getMessage()]
+
+
+def test_produce_follow_says_so_when_no_worker_claims(redis_server: RedisServer, tmp_path: Path) -> None:
+    """`voxqueue produce --follow` with no worker: a warning on stderr within seconds, naming the
+    namespace, partition count and database to check, instead of silence forever."""
+    wav = tmp_path / "a.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(bytes(FRAME * 5))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "produce", str(wav), "--speed", "0", "--follow"],
+        env=child_env(VOXQUEUE_REDIS_URL=redis_server.url, VOXQUEUE_PARTITIONS="2"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stderr is not None
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    try:
+        deadline = time.monotonic() + 20
+        seen: list[str] = []
+        while not any("no worker has claimed" in line for line in seen):
+            assert time.monotonic() < deadline, seen
+            with contextlib.suppress(queue.Empty):
+                seen.append(lines.get(timeout=0.2))
+        warning = next(line for line in seen if "no worker has claimed" in line)
+        assert warning.startswith("warning: ") and "partition count (2)" in warning and "db 0" in warning
+        assert proc.poll() is None  # it warns and goes on waiting: a worker may still come
+    finally:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=10)
+        reap(proc)
+    assert "Traceback" not in "".join(seen)
