@@ -374,6 +374,9 @@ def produce(
         fmt, pcm = read_audio_file(file, raw=raw)
     except AudioFileError as exc:
         raise BadInput(str(exc)) from None
+    if not pcm:
+        # A session of 0 frames would "complete" with nothing transcribed: say so instead.
+        raise BadInput(f"{file.name} has no audio (0 bytes of PCM)")
 
     async def main(client: aioredis.Redis) -> None:
         await _produce(client, namespace, partitions, sid, fmt, options, labels, pcm, speed, follow, as_json)

@@ -11,11 +11,14 @@ import contextlib
 import itertools
 import logging
 import queue
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import wave
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import redis.asyncio as aioredis
 from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results
 
 from producer import transcripts
+from producer.audio import AudioFileError, read_audio_file
 from producer.client import Producer
 from producer.protocol import SESSION_ENDED, Keys, encode_event
 from producer.transcripts import SessionUnclaimed
@@ -190,3 +194,114 @@ def test_produce_follow_says_so_when_no_worker_claims(redis_server: RedisServer,
             proc.communicate(timeout=10)
         reap(proc)
     assert "Traceback" not in "".join(seen)
+
+
+# --------------------------------------------------------------------- smaller traps
+
+
+def voxqueue(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env=child_env(**env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_emulator_refuses_a_port_out_of_range() -> None:
+    result = voxqueue("emulator", "--port", "99999", timeout=30)
+    assert result.returncode == 2 and "99999 is not in the range 0<=x<=65535" in result.stderr
+
+
+def test_emulator_says_where_it_listens() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "emulator", "--port", "0", "--engine", "marker"],
+        env=child_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()  # bounded: the watchdog, and the emulator starts in < 2 s
+        match = re.search(r"listening on ws://127\.0\.0\.1:(\d+) \(engine marker", line)
+        assert match, line
+        port = int(match.group(1))
+        assert port > 0 and f"VOXQUEUE_DEEPGRAM_URL=ws://127.0.0.1:{port}" in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_emulator/health", timeout=5) as resp:
+            assert resp.status == 200  # the URL it printed is the one it serves
+    finally:
+        reap(proc)
+
+
+def test_demo_with_a_bad_file_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "notes.wav").write_text("not audio")
+    result = voxqueue("demo", "--engine", "marker", "--file", str(tmp_path / "notes.wav"))
+    assert result.returncode == 2, result.stderr
+    assert "notes.wav is not a WAV file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_produce_refuses_empty_options_and_audio(redis_server: RedisServer, tmp_path: Path) -> None:
+    (tmp_path / "empty.raw").write_bytes(b"")
+    (tmp_path / "one.raw").write_bytes(bytes(FRAME))
+    url = {"VOXQUEUE_REDIS_URL": redis_server.url}
+    empty = voxqueue("produce", str(tmp_path / "one.raw"), "--option", "model=", **url)
+    assert empty.returncode == 2 and "option 'model' is empty" in empty.stderr, empty.stderr
+    nothing = voxqueue("produce", "--raw", str(tmp_path / "empty.raw"), **url)
+    assert nothing.returncode == 2 and "empty.raw has no audio" in nothing.stderr, nothing.stderr
+    assert nothing.stdout == ""  # no session id: no session was opened
+
+
+@pytest.mark.skipif(shutil.which("sox") is None, reason="sox is not installed")
+def test_the_sox_hint_converts_the_file(tmp_path: Path) -> None:
+    """The hint is a command that works as printed, from anywhere, with awkward file names."""
+    folder = tmp_path / "my recordings"
+    folder.mkdir()
+    song = folder / "it's a song.wav"
+    with wave.open(str(song), "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(44100)
+        w.writeframes(bytes(44100 * 4))  # 1 s
+    with pytest.raises(AudioFileError) as refused:
+        read_audio_file(song)
+    command = re.search(r"\(convert with: (.*)\)$", str(refused.value)).group(1)  # type: ignore[union-attr]
+    subprocess.run(["sh", "-c", command], check=True, timeout=30, cwd="/")
+    fmt, pcm = read_audio_file(folder / "it's a song-16k.wav")
+    assert len(pcm) == 32000 and fmt.sample_rate == 16000
+    # A file named .wav that is not one: sox would trust the name; ffmpeg reads the contents.
+    (folder / "fake.wav").write_bytes(b"\xff\xfb\x90\x00" + bytes(100))
+    with pytest.raises(AudioFileError, match=r"convert with: ffmpeg -i "):
+        read_audio_file(folder / "fake.wav")
+
+
+def test_suite_ignores_voxqueue_settings_exported_in_the_shell() -> None:
+    """A developer with VOXQUEUE_NAMESPACE (or any VOXQUEUE_* setting) exported used to see tests
+    fail: the CLI under test read it. tests/conftest.py clears them for every test."""
+    env = dict(
+        child_env(),
+        VOXQUEUE_NAMESPACE="elsewhere",
+        VOXQUEUE_PARTITIONS="5",
+        VOXQUEUE_REDIS_URL="redis://127.0.0.1:1/9",
+        DEEPGRAM_API_KEY="not-a-key",
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_producer_cli.py::test_produce_wav_fast",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
