@@ -7,11 +7,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from tests.harness import Stack
+from worker.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,23 +27,50 @@ def walkthrough_script() -> str:
     return match.group(1)
 
 
-@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")
-def test_redis_cli_walkthrough_in_protocol_doc_works(tmp_path: Path) -> None:
+needs_redis_cli = pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")
+# bash in its strict mode, and plain sh (dash on Debian): the walk-through promises POSIX shell.
+SHELLS = {"bash": ["bash", "-euo", "pipefail", "-c"], "sh": ["sh", "-eu", "-c"]}
+
+
+def run_walkthrough(shell: str, port: int, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SHELLS[shell], walkthrough_script()],
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "REDIS_PORT": str(port), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@needs_redis_cli
+@pytest.mark.parametrize("shell", ["bash", "sh"])
+def test_redis_cli_walkthrough_in_protocol_doc_works(tmp_path: Path, shell: str) -> None:
     stack = Stack(tmp_path).start()
     try:
         stack.start_worker("walk")
-        result = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", walkthrough_script()],
-            env={"PATH": "/usr/bin:/bin:/usr/local/bin", "REDIS_PORT": str(stack.redis.port)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
-        finals = result.stdout.strip().splitlines()[-2:]
-        assert finals == [" ".join(f"f{n}" for n in range(25)), " ".join(f"f{n}" for n in range(25, 50))]
+        expected = [" ".join(f"f{n}" for n in range(25)), " ".join(f"f{n}" for n in range(25, 50))]
+        # Twice: the second run is a new session and prints its own finals, not the first one's.
+        for _ in range(2):
+            result = run_walkthrough(shell, stack.redis.port)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.strip().splitlines()[-2:] == expected
+            assert "ERR" not in result.stdout + result.stderr
+        keys = stack.keys
+        with redis.Redis.from_url(stack.redis.url) as r:
+            states = [k for k in r.scan_iter(match=keys.session("cli-demo-*").state)]
+        assert len(states) == 2
     finally:
         stack.stop()
+
+
+@needs_redis_cli
+def test_redis_cli_walkthrough_gives_up_when_no_worker_runs(tmp_path: Path) -> None:
+    with RedisServer() as server:
+        started = time.monotonic()
+        result = run_walkthrough("sh", server.port, VQ_WAIT="1")
+    assert result.returncode != 0 and time.monotonic() - started < 30
+    assert "did not end: is a worker running against this Redis" in result.stderr
+    assert result.stdout.count("\n") <= 3  # the XADD ids only, no results
 
 
 def port_open(port: int) -> bool:
