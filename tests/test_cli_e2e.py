@@ -14,7 +14,8 @@ import pytest
 import redis
 
 from tests.harness import Stack
-from worker.redis_server import RedisServer
+from worker.emulator import speech_available
+from worker.redis_server import RedisServer, child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,3 +96,34 @@ def test_demo_runs_and_leaves_nothing_behind() -> None:
     port = int(re.search(r"redis-server on port (\d+)", result.stderr).group(1))  # type: ignore[union-attr]
     assert not port_open(port), "the demo left its redis-server running"
     assert "Traceback" not in result.stderr
+
+
+EXAMPLE = ROOT / "examples" / "transcribe.py"
+
+
+def test_readme_python_example_is_the_example_file() -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert EXAMPLE.read_text() in blocks, "README's Python example differs from examples/transcribe.py"
+
+
+@pytest.mark.skipif(not speech_available(), reason="pocketsphinx is not installed")
+def test_python_example_transcribes_the_sample(tmp_path: Path) -> None:
+    """examples/transcribe.py (shown in the README) as a user runs it: a worker and the speech
+    emulator, the bundled sample, words printed."""
+    stack = Stack(tmp_path, emulator_args=["--engine", "speech"]).start()
+    try:
+        stack.start_worker("example")
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLE)],
+            env=child_env(VOXQUEUE_REDIS_URL=stack.redis.url, PYTHONPATH=str(ROOT)),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        stack.stop()
+    assert result.returncode == 0, result.stderr
+    words = set(result.stdout.lower().replace(".", " ").split())
+    assert words & {"hello", "sentence", "travels", "through", "streams"}, result.stdout
