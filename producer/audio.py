@@ -9,6 +9,7 @@ is the only place that decides where frame boundaries fall.
 from __future__ import annotations
 
 import io
+import shlex
 import struct
 import wave
 from pathlib import Path
@@ -140,7 +141,7 @@ def read_audio_file(path: str | Path, raw: bool = False) -> tuple[AudioFormat, b
         hint = "" if kind != "not a WAV file" else "; if it is headerless 16 kHz mono 16-bit PCM, use --raw"
         raise AudioFileError(
             f"{path.name} is {kind}{hint}; voxqueue needs a {WANTED} WAV "
-            f"(convert with: {_convert_hint(path)})"
+            f"(convert with: {_convert_hint(path, is_wav=False)})"
         )
     return AudioFormat(), _read_wav(path, data)
 
@@ -198,12 +199,17 @@ def _refusal(path: Path, rate: int, channels: int, bits: int, kind: str) -> str:
     )
 
 
-def _convert_hint(path: Path) -> str:
-    out = f"{path.stem}-16k.wav"
-    if path.suffix.lower() in (".wav", ".wave"):
-        return f"sox {path.name} -r 16000 -c 1 -b 16 {out}"
-    # sox often lacks MP3/M4A support; ffmpeg reads everything.
-    return f"ffmpeg -i {path.name} -ar 16000 -ac 1 -c:a pcm_s16le {out}"
+def _convert_hint(path: Path, *, is_wav: bool = True) -> str:
+    """A command that converts `path`, as given (a copy-paste from another directory must work),
+    quoted for the shell, to a `-16k.wav` next to it."""
+    src, out = shlex.quote(str(path)), shlex.quote(str(path.with_name(f"{path.stem}-16k.wav")))
+    if is_wav:
+        # `-t wav`: sox picks the input format by extension, and knows neither .wave nor .WAV files
+        # whose name says otherwise.
+        return f"sox -t wav {src} -r 16000 -c 1 -b 16 {out}"
+    # Not a WAV (whatever its name says: sox would trust a .wav name and fail on the contents), and
+    # sox often lacks MP3/M4A support; ffmpeg looks at the contents and reads everything.
+    return f"ffmpeg -i {src} -ar 16000 -ac 1 -c:a pcm_s16le {out}"
 
 
 def _sniff(data: bytes) -> str:

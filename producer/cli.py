@@ -328,8 +328,13 @@ async def _stream_and_follow(
         raise RuntimeFailure(f"session {session.sid} ended: {view.ended.get('reason')}")
 
 
+def _warn_unclaimed(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 async def _follow(redis: aioredis.Redis, keys: Keys, sid: str, view: TranscriptView) -> None:
-    async for event in transcripts.follow_session(redis, keys, sid, from_id="0"):
+    events = transcripts.follow_session(redis, keys, sid, from_id="0", on_unclaimed=_warn_unclaimed)
+    async for event in events:
         view.show(event)
 
 
@@ -379,6 +384,9 @@ def produce(
         fmt, pcm = read_audio_file(file, raw=raw)
     except AudioFileError as exc:
         raise BadInput(str(exc)) from None
+    if not pcm:
+        # A session of 0 frames would "complete" with nothing transcribed: say so instead.
+        raise BadInput(f"{file.name} has no audio (0 bytes of PCM)")
 
     async def main(client: aioredis.Redis) -> None:
         await _produce(client, namespace, partitions, sid, fmt, options, labels, pcm, speed, follow, as_json)
@@ -560,7 +568,7 @@ def tail(sid: str | None, as_json: bool, redis_url: str, namespace: str, partiti
                 # Starting tail before the producer is fine; say so rather than sit silent.
                 click.echo(f"waiting for session {sid} to start (no such session yet) …", err=True)
         events = (
-            transcripts.follow_session(client, keys, sid, from_id="0")
+            transcripts.follow_session(client, keys, sid, from_id="0", on_unclaimed=_warn_unclaimed)
             if sid is not None
             else transcripts.follow_all(client, keys, from_id="$")
         )

@@ -301,10 +301,18 @@ class ProducerSession:
         await self._submit(commands, True)
         return self.frames_sent
 
-    def events(self, from_start: bool = True) -> AsyncIterator[dict[str, Any]]:
-        """This session's decoded events, ending after `session_ended`."""
+    def events(
+        self, from_start: bool = True, *, unclaimed_timeout: float | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """This session's decoded events, ending after `session_ended`. Logs a warning when no
+        worker has claimed the session after a few seconds; with `unclaimed_timeout`, raises
+        `SessionUnclaimed` after that long instead of waiting on (see `follow_session`)."""
         return transcripts.follow_session(
-            self.producer.redis, self.producer.keys, self.sid, from_id="0" if from_start else "$"
+            self.producer.redis,
+            self.producer.keys,
+            self.sid,
+            from_id="0" if from_start else "$",
+            unclaimed_timeout=unclaimed_timeout,
         )
 
     async def __aenter__(self) -> Self:

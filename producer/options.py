@@ -150,6 +150,9 @@ def _text(name: str, value: Any) -> str:
         # str() of a huge int is slow and, past 4300 digits, raises ValueError in Python 3.11.
         raise ProtocolError("bad_option", f"option {name!r} has characters or length that are not allowed")
     text = str(value)
+    if not text:
+        # `model=` would reach Deepgram as an empty parameter and fail the session only then.
+        raise ProtocolError("bad_option", f"option {name!r} is empty")
     if len(text) > MAX_OPTION_TEXT or not _SAFE_TEXT.match(text):
         raise ProtocolError("bad_option", f"option {name!r} has characters or length that are not allowed")
     return text

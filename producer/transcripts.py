@@ -28,6 +28,11 @@ DEFAULT_BLOCK_MS = 2000
 # How often an idle session reader looks at the session's state hash (one HMGET), to notice a
 # session Redis lost instead of waiting for its events forever.
 DEFAULT_STATE_CHECK_SECONDS = 2.0
+# After this long with no worker on the session (no state hash, no event), a reader says so once:
+# otherwise a producer and a worker that disagree on the Redis database, the namespace or the
+# partition count (or no worker at all) just wait, silently, forever. A session is normally claimed
+# within milliseconds; 5 s leaves room for a busy fleet without leaving a new user staring at nothing.
+DEFAULT_UNCLAIMED_WARNING_SECONDS = 5.0
 
 
 class SessionLost(ProducerError):
@@ -36,6 +41,22 @@ class SessionLost(ProducerError):
     Redis restarted without persistence or evicted the session's keys (a `maxmemory-policy` other
     than `noeviction`). Run Redis with persistence (AOF) and `maxmemory-policy noeviction`.
     """
+
+
+class SessionUnclaimed(ProducerError):
+    """No worker claimed the session within the reader's `unclaimed_timeout`."""
+
+
+def unclaimed_message(redis: aioredis.Redis, keys: Keys, sid: str, waited: float) -> str:
+    """What a user should check when no worker has claimed a session (no secrets: no URL)."""
+    db = redis.connection_pool.connection_kwargs.get("db", 0)
+    return (
+        f"no worker has claimed session {sid} after {waited:.0f} s (no state hash "
+        f"{keys.session(sid).state}). Check that a worker is running and uses the same Redis "
+        f"server and database (db {db}), namespace ({keys.namespace!r}) and partition count "
+        f"({keys.partitions}) as this producer (VOXQUEUE_REDIS_URL, VOXQUEUE_NAMESPACE, "
+        "VOXQUEUE_PARTITIONS)."
+    )
 
 
 class _LossWatch:
@@ -49,13 +70,27 @@ class _LossWatch:
     producer does.
     """
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, sid: str, every: float) -> None:
-        self.redis, self.sid, self.state = redis, sid, keys.session(sid).state
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        sid: str,
+        every: float,
+        *,
+        warn_after: float | None = None,
+        on_unclaimed: Callable[[str], None] | None = None,
+        give_up_after: float | None = None,
+    ) -> None:
+        self.redis, self.keys, self.sid, self.state = redis, keys, sid, keys.session(sid).state
         self.every = every
         self.started_at: Any = None  # bytes, or str from a client with decode_responses
         self.state_seen = False
         self.events_read = False
         self.next_check = 0.0
+        self.since = time.monotonic()
+        self.warn_after, self.give_up_after = warn_after, give_up_after
+        self.on_unclaimed = on_unclaimed
+        self.warned = False
 
     async def check(self) -> None:
         """Called before the first read, then only when the reader is idle (no unread events), at
@@ -73,6 +108,20 @@ class _LossWatch:
             return
         if self.state_seen or self.events_read:
             raise self._lost("its state vanished")
+        self._check_unclaimed(now)
+
+    def _check_unclaimed(self, now: float) -> None:
+        waited = now - self.since
+        if self.give_up_after is not None and waited >= self.give_up_after:
+            raise SessionUnclaimed(unclaimed_message(self.redis, self.keys, self.sid, waited))
+        if self.warned or self.warn_after is None or waited < self.warn_after:
+            return
+        self.warned = True
+        message = unclaimed_message(self.redis, self.keys, self.sid, waited)
+        if self.on_unclaimed is not None:
+            self.on_unclaimed(message)
+        else:
+            log.warning("%s", message)
 
     def _lost(self, what: str) -> SessionLost:
         return SessionLost(
@@ -90,13 +139,32 @@ async def follow_session(
     *,
     block_ms: int = DEFAULT_BLOCK_MS,
     state_check_seconds: float = DEFAULT_STATE_CHECK_SECONDS,
+    unclaimed_warning: float | None = DEFAULT_UNCLAIMED_WARNING_SECONDS,
+    on_unclaimed: Callable[[str], None] | None = None,
+    unclaimed_timeout: float | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Events of session `sid` after stream id `from_id` ("0" = from its first event, "$" = from
     now), ending after its `session_ended` event.
 
     Raises `SessionLost` when Redis loses the session before it ended (see `_LossWatch`); while
-    idle it checks the session's state hash at most every `state_check_seconds`."""
-    watch = _LossWatch(redis, keys, sid, state_check_seconds)
+    idle it checks the session's state hash at most every `state_check_seconds`.
+
+    A session no worker has claimed (no state hash, no event) after `unclaimed_warning` seconds
+    gets one warning: passed to `on_unclaimed` if given, else logged on the "voxqueue.producer"
+    logger (None: no warning). It names what to check (Redis database, namespace, partition
+    count). With `unclaimed_timeout`, the reader gives up after that long unclaimed and raises
+    `SessionUnclaimed`; by default it goes on waiting, since a reader may start long before the
+    producer does. Both are checked with the state hash, so with the granularity of
+    `state_check_seconds`."""
+    watch = _LossWatch(
+        redis,
+        keys,
+        sid,
+        state_check_seconds,
+        warn_after=unclaimed_warning,
+        on_unclaimed=on_unclaimed,
+        give_up_after=unclaimed_timeout,
+    )
     stream = keys.session(sid).results
     async for _, event in read_events(redis, [stream], from_id, block_ms=block_ms, on_idle=watch.check):
         watch.events_read = True

@@ -75,6 +75,23 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         return (yield)
 
 
+# Knobs of the test suite itself, kept: everything else VOXQUEUE_* configures the code under test.
+_SUITE_VARIABLES = ("VOXQUEUE_KEEP_REDIS", "VOXQUEUE_TEST_")
+
+
+@pytest.fixture(autouse=True)
+def _clean_voxqueue_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests start from no configuration: a VOXQUEUE_NAMESPACE (or any VOXQUEUE_* setting, or a
+    DEEPGRAM_API_KEY) exported in the developer's shell must not change what a test runs against.
+    Child processes inherit os.environ (harness.Stack, redis_server.child_env), so they start
+    clean too."""
+    for name in list(os.environ):
+        if name == "DEEPGRAM_API_KEY" or (
+            name.startswith("VOXQUEUE_") and not name.startswith(_SUITE_VARIABLES)
+        ):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer(appendonly=True).start()

@@ -149,7 +149,7 @@ def test_produce_refuses_unusable_file(redis_server: RedisServer, tmp_path: Path
     assert result.exit_code == 2
     assert result.stderr.strip() == (
         "Error: song.wav is 44100 Hz stereo 16-bit PCM; voxqueue needs 16000 Hz mono 16-bit "
-        "(convert with: sox song.wav -r 16000 -c 1 -b 16 song-16k.wav)"
+        f"(convert with: sox -t wav {tmp_path}/song.wav -r 16000 -c 1 -b 16 {tmp_path}/song-16k.wav)"
     )
     missing = run(redis_server, "produce", str(tmp_path / "nope.wav"))
     assert missing.exit_code == 2 and "does not exist" in missing.stderr

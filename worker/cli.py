@@ -100,9 +100,17 @@ def worker(**flags: Any) -> None:
         raise click.ClickException(f"worker failed: {exc.strerror or exc}") from None
 
 
+class _BadInput(click.ClickException):
+    """Input that cannot work (a file voxqueue cannot send): exit 2, as the README says."""
+
+    exit_code = 2
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8765, show_default=True, type=int)
+@click.option(
+    "--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="0 = any free port."
+)
 @click.option("--engine", type=click.Choice(["marker", "speech"]), default="marker", show_default=True)
 @click.option("--key", "keys", multiple=True, help="Accepted API key (repeatable); none given = any key.")
 @click.option(
@@ -131,12 +139,26 @@ def emulator(
                 keys=list(keys) or None,
                 silence_timeout=silence_timeout,
                 final_every=final_every,
+                on_ready=_emulator_ready(engine),
             )
         )
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     except KeyboardInterrupt:
         pass
+
+
+def _emulator_ready(engine: str) -> Any:
+    def ready(server: Any) -> None:
+        # One line a user can act on: where to point the workers, and what this engine transcribes.
+        what = "real speech (pocketsphinx)" if engine == "speech" else "marker frames only (tests)"
+        click.echo(
+            f"voxqueue emulator listening on {server.url} (engine {engine}: {what}); "
+            f"workers: VOXQUEUE_DEEPGRAM_URL={server.url}",
+            err=True,
+        )
+
+    return ready
 
 
 @main.command()
@@ -163,10 +185,12 @@ def demo(engine: str, audio_file: str | None, speed: float, as_json: bool) -> No
     Needs nothing configured. With DEEPGRAM_API_KEY set it uses real Deepgram; with
     VOXQUEUE_REDIS_URL set it uses that Redis instead of starting one.
     """
-    from worker.demo import DemoError, run_demo
+    from worker.demo import DemoError, DemoInputError, run_demo
 
     try:
         code = run_async(run_demo(engine=engine, audio_file=audio_file, speed=speed, as_json=as_json))
+    except DemoInputError as exc:
+        raise _BadInput(str(exc)) from None
     except DemoError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(code)

@@ -34,6 +34,10 @@ class DemoError(RuntimeError):
     pass
 
 
+class DemoInputError(DemoError):
+    """The user's input cannot work (the --file): exit 2, like the other commands' bad input."""
+
+
 async def _check_redis(url: str) -> None:
     """Fail at once with a clear message rather than let a worker retry an unreachable Redis."""
     client = aioredis.Redis.from_url(url, socket_connect_timeout=3)
@@ -59,7 +63,9 @@ async def run_demo(
     try:
         fmt, pcm = read_audio_file(path)
     except AudioFileError as exc:
-        raise DemoError(str(exc)) from None
+        raise DemoInputError(str(exc)) from None
+    if not pcm:
+        raise DemoInputError(f"{path.name} has no audio")
 
     async with contextlib.AsyncExitStack() as stack:
         redis_url = os.environ.get("VOXQUEUE_REDIS_URL")

@@ -7,6 +7,12 @@ speech regions it finds through a `Decoder`. A region is one utterance:
 - its end (the endpointer heard enough silence), Finalize, CloseStream, or `MAX_UTTERANCE_S` of
   continuous speech make a final with word timings (`speech_final` true at a natural end), decoded
   again over the whole utterance for a better result than the live partials;
+- it never lets `ANSWER_EVERY_S` of audio go by without a message: with interim results a partial
+  goes out even if its text did not change, without them the utterance is cut with a final
+  (`speech_final` false), as Deepgram finalizes continuous speech every few seconds. A client that
+  takes a long silence from a server it keeps sending audio to as a dead connection (the worker's
+  stall watchdog, `VOXQUEUE_STALL_SECONDS`, 10 s by default) must never see one for a long
+  utterance;
 - `UtteranceEnd` follows once `utterance_end_ms` of silence came after the last word.
 While nothing is said, an empty final covers the silence every `final_every` seconds, as Deepgram
 keeps answering during silence, so a client can acknowledge silent audio too.
@@ -34,6 +40,10 @@ except ImportError:  # pragma: no cover - depends on the environment
 RATE: Final = 16000
 SUPPORTED_RATES: Final = (8000, 16000, 32000, 48000)
 MAX_UTTERANCE_S: Final = 10.0
+# Most audio, in seconds, that may go by in speech without any message (see the module docstring).
+# The worst gap a client sees is this plus the endpointer's window (<= 2 s) before speech is
+# recognised as such: 6.5 s at most, well inside the worker's 10 s stall watchdog even at 1x.
+ANSWER_EVERY_S: Final = 4.5
 INTERIM_EVERY_S: Final = 0.1
 # Plain forward search, no second pass: on short utterances the extra passes made results worse.
 _DECODER_CONFIG: Final = {"samprate": RATE, "loglevel": "FATAL", "fwdflat": False, "bestpath": False}
@@ -149,6 +159,7 @@ class SpeechEngine:
         self._last_interim = 0
         self._last_interim_text = ""
         self._ue_due: float | None = None  # end of the last word whose UtteranceEnd is pending
+        self._last_answer = 0  # self._pos when the last message went out
         self.lag_ns: list[int] = []
 
     def _new_endpointer(self, offset: int) -> None:
@@ -179,7 +190,10 @@ class SpeechEngine:
         while len(self._buf) >= fb:
             frame = bytes(self._buf[:fb])
             del self._buf[:fb]
+            before = len(events)
             self._step(frame, events)
+            if len(events) > before:
+                self._last_answer = self._pos
         return events
 
     def _step(self, frame: bytes, events: list[Event]) -> None:
@@ -194,15 +208,16 @@ class SpeechEngine:
             self._decoder.process_raw(speech)
             self._utt_audio += speech
             self._utt_fed += len(speech) // 2
+            overdue = self._pos - self._last_answer >= ANSWER_EVERY_S * RATE
             if not self._ep.in_speech:
                 events.extend(self._end_utt(speech_final=True))
-            elif self._utt_fed >= MAX_UTTERANCE_S * RATE:
+            elif self._utt_fed >= MAX_UTTERANCE_S * RATE or (overdue and not self._interim):
                 events.extend(self._end_utt(speech_final=False))
-            elif self._interim and self._pos - self._last_interim >= INTERIM_EVERY_S * RATE:
+            elif self._interim and (overdue or self._pos - self._last_interim >= INTERIM_EVERY_S * RATE):
                 self._last_interim = self._pos
                 partial = self._transcript(is_final=False, speech_final=False)
                 text = " ".join(w.word for w in partial.words)
-                if text and text != self._last_interim_text:
+                if overdue or (text and text != self._last_interim_text):
                     self._last_interim_text = text
                     events.append(partial)
             return
@@ -253,7 +268,13 @@ class SpeechEngine:
     def _flush(self, *, from_finalize: bool) -> list[Event]:
         """Decode what the endpointer still holds, then close the utterance."""
         if self._in_utt:
-            rest = self._ep.end_stream(bytes(self._buf[: self._ep_frame]))
+            tail = bytes(self._buf[: self._ep_frame])
+            # pocketsphinx's end_stream raises IndexError on an empty frame, which is what is left
+            # whenever the stream ended on an endpointer frame boundary (30 ms: every third 20 ms
+            # frame). Give it one silent sample instead and take that sample back off its answer.
+            rest = self._ep.end_stream(tail or bytes(2))
+            if rest and not tail:
+                rest = rest[:-2]
             if rest:
                 self._decoder.process_raw(rest)
                 self._utt_audio += rest
