@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from producer.client import Producer, ProducerSession, connect
     from producer.pacing import Pacer
     from producer.protocol import AudioFormat, Keys
-    from producer.transcripts import SessionLost, follow_all, follow_session
+    from producer.transcripts import SessionLost, SessionUnclaimed, follow_all, follow_session
 
 _EXPORTS = {
     "AudioFileError": "producer.audio",
@@ -32,6 +32,7 @@ _EXPORTS = {
     "AudioFormat": "producer.protocol",
     "Keys": "producer.protocol",
     "SessionLost": "producer.transcripts",
+    "SessionUnclaimed": "producer.transcripts",
     "follow_all": "producer.transcripts",
     "follow_session": "producer.transcripts",
 }
@@ -47,6 +48,7 @@ __all__ = [
     "ProducerSession",
     "SessionFailed",
     "SessionLost",
+    "SessionUnclaimed",
     "connect",
     "follow_all",
     "follow_session",
