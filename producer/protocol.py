@@ -328,7 +328,9 @@ def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | End
             return EndMarker(None)
         # The same plain decimal form as `seq`: it is the count of frames sent, last seq + 1.
         if _PLAIN_SEQ.fullmatch(frames) is None:
-            raise ProtocolError("bad_end", "end marker `frames` must be a decimal integer >= 0 without sign or padding")
+            raise ProtocolError(
+                "bad_end", "end marker `frames` must be a decimal integer >= 0 without sign or padding"
+            )
         return EndMarker(int(frames))
     pcm = raw.get(b"pcm")
     seq_raw = raw.get(b"seq")

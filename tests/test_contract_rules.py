@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from producer import protocol as p
-from tests.test_session_machine import DROP, RULES, end_entry, entry, eid, live_machine, machine, of, sent
+from tests.test_session_machine import DROP, RULES, eid, end_entry, entry, live_machine, machine, of, sent
 from worker import session_machine as sm
 from worker.failures import Failure
 

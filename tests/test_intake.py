@@ -22,8 +22,8 @@ from tests.test_store import final, redis, start_session, store_for  # noqa: F40
 from worker.config import load_settings
 from worker.events import standalone_event
 from worker.ledger import Commit
-from worker.store import Rejection
 from worker.pool import WorkerPool
+from worker.store import Rejection
 
 KEYS = p.Keys()
 
@@ -248,7 +248,9 @@ async def test_a_crash_looping_session_reports_its_real_progress() -> None:
 # ------------------------------------------------------------------------------ (i) rejecting
 
 
-def _rejection(sid: str, entry: bytes, reason: str = "bad_format: x", sk: p.SessionKeys | None = None) -> Rejection:
+def _rejection(
+    sid: str, entry: bytes, reason: str = "bad_format: x", sk: p.SessionKeys | None = None
+) -> Rejection:
     error = standalone_event(sid, p.ERROR, "bad_format", code="bad_format", message="m", fatal=True)
     if sk is None:
         return Rejection(entry, sid.encode(), reason, error)

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from producer.client import url_password
+from producer.protocol import DeploymentMismatch
 from worker.config import ConfigError, Settings, load_settings
 from worker.logs import configure_logging, register_secret
 
@@ -99,6 +100,8 @@ def worker(**flags: Any) -> None:
         run_async(serve())
     except OSError as exc:
         raise click.ClickException(f"worker failed: {exc.strerror or exc}") from None
+    except DeploymentMismatch as exc:  # another partition count than the deployment's: say which
+        raise click.ClickException(f"worker refused to start: {exc}") from None
 
 
 @main.command()

@@ -70,12 +70,12 @@ end
 # that owns this sid: same fingerprint) or reused (another entry owns this sid and this one differs:
 # the caller rejects it with `sid_reused`, lua.REJECT_SESSION). A done or duplicate entry is
 # retired here (XACK + XDEL): it is no lease, and the stream must not keep it; a reused one is left
-# pending for REJECT_SESSION, which reports it and retires it. `takeovers` counts every takeover; the crash-loop limit applies to
-# `stalled_takeovers`, the takeovers in a row with no committed progress in between
-# (`takeover_seq` remembers committed_seq at the last takeover): a long, healthy session whose
-# workers die for unrelated reasons is never failed as a crash loop. A state hash from before
-# `stalled_takeovers` existed counts all its takeovers as stalled. A poison reply carries the real
-# commit point and counters, so the session's end reports them.
+# pending for REJECT_SESSION, which reports it and retires it. `takeovers` counts every takeover;
+# the crash-loop limit applies to `stalled_takeovers`, the takeovers in a row with no committed
+# progress in between (`takeover_seq` remembers committed_seq at the last takeover): a long,
+# healthy session whose workers die for unrelated reasons is never failed as a crash loop. A state
+# hash from before `stalled_takeovers` existed counts all its takeovers as stalled. A poison reply
+# carries the real commit point and counters, so the session's end reports them.
 ACQUIRE: Final = (
     _ENTRIES
     + """

@@ -105,6 +105,7 @@ class WorkerPool:
             deepgram=self.settings.deepgram_url,
         )
         await self._ensure_session_groups()
+        await self._check_deployment()
         background = [
             asyncio.create_task(self._supervised("reader", self.reader.run)),
             asyncio.create_task(self._supervised("claim", self._claim_new)),
@@ -200,6 +201,36 @@ class WorkerPool:
                 delay = backoff.next_delay()
                 self.log.warning("redis unavailable at start-up, retrying", error=type(exc).__name__)
                 await asyncio.sleep(delay)
+
+    async def _check_deployment(self) -> None:
+        """Stores the deployment's namespace settings (`NS:deployment`: partition count, protocol
+        version) if no worker has yet, and refuses to start if they disagree with ours: a worker
+        with another partition count would read streams no producer writes, and reject every
+        entry it does read as wrong_partition. Producers read the same hash (docs/protocol.md §1)."""
+        key = self.keys.deployment()
+        backoff = Backoff(0.1, 2.0)
+        for attempt in range(10):
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hsetnx(key, p.D_PARTITIONS, str(self.settings.partitions))
+                    pipe.hsetnx(key, p.D_PROTOCOL, str(p.PROTOCOL_VERSION))
+                    pipe.hgetall(key)
+                    *_, stored = await pipe.execute()
+                break
+            except TRANSIENT_REDIS_ERRORS as exc:
+                if attempt == 9:
+                    raise
+                self.log.warning("redis unavailable at start-up, retrying", error=type(exc).__name__)
+                await asyncio.sleep(backoff.next_delay())
+        try:
+            p.check_deployment(stored, self.keys)
+        except p.DeploymentMismatch as exc:
+            self.log.error("refusing to start: deployment settings differ", error=str(exc), key=key)
+            await _settled(
+                [asyncio.ensure_future(c.aclose()) for c in (self.redis, self.claim_redis, self.read_redis)],
+                CLIENT_CLOSE_SECONDS,
+            )
+            raise
 
     # ------------------------------------------------------------------------------ claiming
 
@@ -393,7 +424,9 @@ class WorkerPool:
             return
         if acquired.status == "reused":
             # Another entry owns this sid and this one differs from it: never a second session.
-            error = p.ProtocolError("sid_reused", f"session {start.sid} already exists; session ids are never reused")
+            error = p.ProtocolError(
+                "sid_reused", f"session {start.sid} already exists; session ids are never reused"
+            )
             await self._reject_session(sessions_key, entry_id, raw, error)
             return
         if acquired.status in ("done", "duplicate"):
@@ -518,7 +551,9 @@ class WorkerPool:
             finals=0,
             detail=str(exc)[:1000],
         )
-        message = f"session {sid} already exists (or existed); entry {name} was not run: session ids are never reused"
+        message = (
+            f"session {sid} already exists (or existed); entry {name} was not run (ids are never reused)"
+        )
         reused = standalone_event(
             sid, p.ERROR, f"sid_reused/{name}", code="sid_reused", message=message, fatal=False
         )

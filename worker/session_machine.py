@@ -727,7 +727,9 @@ class SessionMachine:
         """The session's owners keep dying before any progress: fail it without connecting."""
         self._expect(Phase.NEW)
         detail = f"taken over {takeovers} times without progress: crash loop"
-        return self._end(_Closing(p.STATUS_FAILED, p.END_FAILED, detail, f"crash_loop: {detail}", "crash_loop"))
+        return self._end(
+            _Closing(p.STATUS_FAILED, p.END_FAILED, detail, f"crash_loop: {detail}", "crash_loop")
+        )
 
     def _end(self, closing: _Closing, error_message: str = "") -> list[Action]:
         actions: list[Action] = []
