@@ -257,15 +257,18 @@ class Producer:
     async def _check_before_open(self, keys: SessionKeys | None) -> None:
         """One round trip, and only when there is something to check: the deployment settings until
         they were found once, the session's keys for an explicit id (a fresh uuid cannot collide)."""
-        if self._deployment_checked and keys is None:
+        # Decided once, before the await: concurrent open_session calls share the flag, and one of
+        # them may set it while this one's round trip is in flight.
+        deployment = not self._deployment_checked
+        if not deployment and keys is None:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
-            if not self._deployment_checked:
+            if deployment:
                 pipe.hgetall(self.keys.deployment())
             if keys is not None:
                 pipe.exists(keys.state, keys.audio, keys.results)
             replies = await pipe.execute()
-        if not self._deployment_checked:
+        if deployment:
             stored = replies.pop(0)
             if stored:
                 try:

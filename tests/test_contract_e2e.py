@@ -239,3 +239,19 @@ async def test_a_worker_with_another_partition_count_refuses_to_start() -> None:
             assert await client.hgetall(KEYS.deployment()) == {b"partitions": b"3", b"protocol": b"1"}
         finally:
             await client.aclose()
+
+
+async def test_concurrent_opens_check_the_deployment_once_and_correctly() -> None:
+    """Fails when concurrent open_session calls misread each other's replies (one of them setting
+    the "deployment checked" flag while another's round trip is in flight made that one raise
+    SessionExists for a new id)."""
+    with RedisServer() as server:
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            await client.hset(KEYS.deployment(), mapping={"partitions": "1", "protocol": "1"})
+            async with Producer(client) as producer:
+                opened = await asyncio.gather(*(producer.open_session(sid=f"c{i}") for i in range(50)))
+            assert len({s.sid for s in opened}) == 50
+            assert await client.xlen(KEYS.sessions(0)) == 50
+        finally:
+            await client.aclose()
