@@ -314,6 +314,21 @@ async def test_reject_script_reports_a_reuse_without_touching_the_session(redis:
     assert [x["message_id"] for x in pending] == [live_entry]
 
 
+async def test_acquire_tells_a_retried_entry_from_a_reused_sid(redis: aioredis.Redis) -> None:  # noqa: F811
+    """Fails when ACQUIRE takes every second entry for a sid as a harmless duplicate (a reuse was
+    dropped silently) or every one as a reuse (a retried XADD would be reported)."""
+    store, sk = store_for(redis), KEYS.session("twice")
+    first = await start_session(redis, "twice")
+    assert (await store.acquire(sk, "w1", 5, first)).status == "ok"
+    retry = await _deliver(redis, p.SessionStart("twice").to_fields())  # the same fields again
+    assert (await store.acquire(sk, "w1", 5, retry)).status == "duplicate"
+    other = await _deliver(redis, p.SessionStart("twice", labels={"x": "y"}).to_fields())
+    assert (await store.acquire(sk, "w1", 5, other)).status == "reused"
+    pending = await redis.xpending_range(KEYS.sessions(0), p.WORKERS_GROUP, "-", "+", 10)
+    assert sorted(x["message_id"] for x in pending) == sorted([first, other])  # left for REJECT_SESSION
+    assert await redis.hget(sk.state, "start_id") == first
+
+
 async def test_reject_script_with_an_invalid_sid_reports_in_the_partition(redis: aioredis.Redis) -> None:  # noqa: F811
     store = store_for(redis)
     bad = await _deliver(redis, {"nosid": "1"})
