@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from producer.audio import AudioFileError, FrameChunker, marker_frame, read_audio_file
     from producer.batcher import ProducerConnectionError, ProducerError, SessionFailed
-    from producer.client import Producer, ProducerSession, connect
+    from producer.client import DeploymentMismatch, Producer, ProducerSession, SessionExists, connect
     from producer.pacing import Pacer
     from producer.protocol import AudioFormat, Keys
     from producer.transcripts import SessionLost, SessionUnclaimed, follow_all, follow_session
@@ -25,7 +25,9 @@ _EXPORTS = {
     "ProducerConnectionError": "producer.batcher",
     "ProducerError": "producer.batcher",
     "SessionFailed": "producer.batcher",
+    "DeploymentMismatch": "producer.client",
     "Producer": "producer.client",
+    "SessionExists": "producer.client",
     "ProducerSession": "producer.client",
     "connect": "producer.client",
     "Pacer": "producer.pacing",
@@ -39,6 +41,7 @@ _EXPORTS = {
 __all__ = [
     "AudioFileError",
     "AudioFormat",
+    "DeploymentMismatch",
     "FrameChunker",
     "Keys",
     "Pacer",
@@ -46,6 +49,7 @@ __all__ = [
     "ProducerConnectionError",
     "ProducerError",
     "ProducerSession",
+    "SessionExists",
     "SessionFailed",
     "SessionLost",
     "SessionUnclaimed",

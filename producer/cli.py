@@ -26,7 +26,7 @@ from producer import transcripts
 from producer.aio import cancel_and_wait
 from producer.audio import AudioFileError, read_audio_file
 from producer.batcher import ProducerConnectionError, ProducerError
-from producer.client import Producer, ProducerSession, connect
+from producer.client import Producer, ProducerSession, SessionExists, connect
 from producer.options import parse_option_pairs, validate_options
 from producer.pacing import Pacer
 from producer.protocol import (
@@ -408,13 +408,11 @@ async def _produce(
     as_json: bool,
 ) -> None:
     async with Producer(client, namespace=namespace, partitions=partitions) as producer:
-        if sid is not None:
-            # Reusing an id would append seq 0.. to an old session's streams, which the worker
-            # reads as duplicates: refuse instead of producing a silently broken session.
-            skeys = producer.keys.session(sid)
-            if await client.exists(skeys.audio, skeys.state, skeys.results):
-                raise BadInput(f"session {sid} already exists; choose another --session")
-        session = await producer.open_session(sid, options=options, labels=labels, format=fmt)
+        try:
+            session = await producer.open_session(sid, options=options, labels=labels, format=fmt)
+        except SessionExists:
+            # Ids are never reused (the workers would refuse it: sid_reused): a usage error, exit 2.
+            raise BadInput(f"session {sid} already exists (or existed); choose another --session") from None
         click.echo(session.sid)  # first stdout line, alone, for scripts
         await _stream_and_follow(producer, session, pcm, speed, follow, as_json)
 

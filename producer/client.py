@@ -75,19 +75,23 @@ from producer.protocol import (
     Keys,
     SessionKeys,
     SessionStart,
+    check_deployment,
     end_fields,
     frame_fields,
     validate_sid,
 )
+from producer.protocol import DeploymentMismatch as WireDeploymentMismatch
 from producer.secrets import redact_url, url_password
 from producer.transcripts import SessionLost
 
 __all__ = [
     "DEFAULT_AUDIO_TTL",
+    "DeploymentMismatch",
     "Producer",
     "ProducerConnectionError",
     "ProducerError",
     "ProducerSession",
+    "SessionExists",
     "SessionFailed",
     "SessionLost",
     "connect",
@@ -102,6 +106,18 @@ DEFAULT_AUDIO_TTL = 86_400
 # How often a sending session refreshes that TTL at most: it also bounds how long a stream
 # re-created by a frame after Redis lost it (XADD makes a key with no TTL) stays without one.
 AUDIO_TTL_REFRESH_SECONDS = 5.0
+
+
+class SessionExists(ProducerError):
+    """open_session() was given the id of a session that exists or existed (its state, audio or
+    results are still in Redis). Session ids are never reused: a second session under the same id
+    would be refused by the workers (`sid_reused`) and its audio never transcribed."""
+
+
+class DeploymentMismatch(ProducerError, WireDeploymentMismatch):
+    """The Producer's namespace settings (partition count, protocol version) disagree with the
+    deployment's, as its workers stored them in `NS:deployment`: sessions would land in
+    partitions no worker reads, or in the wrong one."""
 
 
 def connect(url: str, *, retries: int = 3, **kwargs: Any) -> aioredis.Redis:
@@ -154,6 +170,7 @@ class Producer:
             self.redis = redis
             self._owns_redis = False
         self.keys = Keys(namespace=namespace, partitions=partitions)
+        self._deployment_checked = False  # NS:deployment read once it exists (workers write it)
         self._batcher = Batcher(
             self.redis,
             flush_interval=flush_interval,
@@ -178,7 +195,15 @@ class Producer:
 
         Options are checked against the allow-list here so a bad one fails in the backend, with a
         clear message, instead of as an error event later. Raises `ProtocolError` (a ValueError).
+
+        Also checked before anything is written: the deployment's settings (`NS:deployment`, once
+        a worker has stored them) against this Producer's partition count and protocol version
+        (`DeploymentMismatch`), and, for an explicit `sid`, that no session of that id exists or
+        existed (`SessionExists`: ids are never reused). Two producers opening the same new id at
+        the same moment both pass this check; the workers then refuse the second entry
+        (`sid_reused`, docs/protocol.md §2).
         """
+        explicit = sid is not None
         sid = sid if sid is not None else uuid.uuid4().hex
         validate_sid(sid)
         fmt = format or AudioFormat()
@@ -187,11 +212,40 @@ class Producer:
         label_map = dict(labels or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in label_map.items()):
             raise ValueError("labels must map strings to strings")
+        await self._check_before_open(self.keys.session(sid) if explicit else None)
         session = ProducerSession(self, self.keys.session(sid), fmt, checked, label_map)
         start = SessionStart(sid=sid, format=fmt, options=checked, labels=label_map)
         await wait(self._batcher.submit([Command(session.keys.sessions, dict(start.to_fields()), session)]))
         session.raise_if_failed()
         return session
+
+    async def _check_before_open(self, keys: SessionKeys | None) -> None:
+        """One round trip, and only when there is something to check: the deployment settings until
+        they were found once, the session's keys for an explicit id (a fresh uuid cannot collide)."""
+        # Decided once, before the await: concurrent open_session calls share the flag, and one of
+        # them may set it while this one's round trip is in flight.
+        deployment = not self._deployment_checked
+        if not deployment and keys is None:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if deployment:
+                pipe.hgetall(self.keys.deployment())
+            if keys is not None:
+                pipe.exists(keys.state, keys.audio, keys.results)
+            replies = await pipe.execute()
+        if deployment:
+            stored = replies.pop(0)
+            if stored:
+                try:
+                    check_deployment(stored, self.keys)
+                except WireDeploymentMismatch as exc:
+                    raise DeploymentMismatch(str(exc)) from None
+                self._deployment_checked = True
+        if keys is not None and replies[0]:
+            raise SessionExists(
+                f"session {keys.sid} already exists (or existed): session ids are never reused; "
+                "choose another id"
+            )
 
     def transcripts(
         self, sid: str | None = None, *, from_id: str | None = None

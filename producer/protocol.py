@@ -79,6 +79,34 @@ END_FAILED: Final = "failed"
 END_REJECTED: Final = "rejected"
 
 
+# The deployment settings hash, `NS:deployment`: what every producer and worker of a namespace must
+# agree on. Values are decimal strings.
+D_PARTITIONS: Final = "partitions"
+D_PROTOCOL: Final = "protocol"
+
+
+class DeploymentMismatch(RuntimeError):
+    """This process's namespace settings disagree with the deployment's (`NS:deployment`)."""
+
+
+def check_deployment(stored: dict[bytes, bytes] | dict[str, str], keys: Keys) -> None:
+    """Raises DeploymentMismatch if the stored deployment settings (HGETALL of keys.deployment(),
+    possibly empty: nothing stored yet) disagree with `keys` and this protocol version."""
+    fields = {_text(k): _text(v) for k, v in stored.items()}
+    ours = {D_PARTITIONS: str(keys.partitions), D_PROTOCOL: str(PROTOCOL_VERSION)}
+    wrong = [
+        f"{name} {fields[name]} there, {value} here"
+        for name, value in ours.items()
+        if name in fields and fields[name] != value
+    ]
+    if wrong:
+        raise DeploymentMismatch(
+            f"namespace {keys.namespace!r} is deployed with other settings ({keys.deployment()}: "
+            + "; ".join(wrong)
+            + "): use the deployment's partition count (VOXQUEUE_PARTITIONS / --partitions)"
+        )
+
+
 def partition_of(sid: str, partitions: int) -> int:
     """Stable partition of a session: CRC-32 (IEEE, as zlib/Go/Java compute it) of the UTF-8 id mod P."""
     return zlib.crc32(sid.encode()) % partitions
@@ -106,8 +134,18 @@ class Keys:
     def partition(self, sid: str) -> int:
         return partition_of(sid, self.partitions)
 
+    def deployment(self) -> str:
+        """The deployment's settings hash (DEPLOYMENT_FIELDS): workers write it at start-up, and
+        producers read it to check that they agree (docs/protocol.md §1). No hash tag: one key for
+        the whole deployment, read rarely."""
+        return f"{self.namespace}:deployment"
+
     def session(self, sid: str) -> SessionKeys:
-        p = self.partition(sid)
+        return self.session_in(sid, self.partition(sid))
+
+    def session_in(self, sid: str, p: int) -> SessionKeys:
+        """The keys `sid` would have in partition `p`: its real ones only when p is its partition
+        (the others name where a producer with a wrong partition count wrote)."""
         base = f"{self.tag(p)}:s:{sid}"
         return SessionKeys(
             sid=sid,
@@ -208,6 +246,14 @@ class SessionStart:
     @classmethod
     def from_fields(cls, raw: dict[bytes, bytes] | dict[str, str]) -> SessionStart:
         fields = {_text(k): v for k, v in raw.items()}
+        # First: a later version may add fields, and must be told it is not spoken, not that its
+        # fields are unknown. `v` absent means 1.
+        version = fields.get(F_VERSION)
+        if version is not None and _text(version) != str(PROTOCOL_VERSION):
+            raise ProtocolError(
+                "bad_version",
+                f"protocol version {_text(version)[:20]!r} is not spoken here (only {PROTOCOL_VERSION})",
+            )
         unknown = set(fields) - SESSION_FIELDS
         if unknown:
             raise ProtocolError("unknown_fields", f"session entry has unknown fields: {sorted(unknown)}")
@@ -278,10 +324,14 @@ def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | End
         if unknown:
             raise ProtocolError("unknown_fields", f"end marker has unknown fields: {sorted(unknown)}")
         frames = raw.get(b"frames")
-        try:
-            return EndMarker(int(frames) if frames is not None else None)
-        except ValueError:
-            raise ProtocolError("bad_end", "end marker `frames` is not an integer") from None
+        if frames is None:
+            return EndMarker(None)
+        # The same plain decimal form as `seq`: it is the count of frames sent, last seq + 1.
+        if _PLAIN_SEQ.fullmatch(frames) is None:
+            raise ProtocolError(
+                "bad_end", "end marker `frames` must be a decimal integer >= 0 without sign or padding"
+            )
+        return EndMarker(int(frames))
     pcm = raw.get(b"pcm")
     seq_raw = raw.get(b"seq")
     if pcm is None or seq_raw is None or len(raw) != 2:

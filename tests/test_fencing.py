@@ -564,15 +564,19 @@ async def test_finish_writes_the_end_everywhere(taken_over: TakenOver) -> None:
 
 
 async def test_finish_without_audio_or_dead_letter(redis_client: aioredis.Redis) -> None:
-    """A session ended before any frame: the audio stream is created only to carry the TTL (late
-    frames expire with it), and no dead letter is written when none is asked for."""
+    """A session ended before any frame: the audio stream is created EMPTY only to carry the TTL
+    (late frames expire with it; the worker never writes an entry into a producer's audio stream),
+    and no dead letter is written when none is asked for."""
     redis, store, sk = redis_client, store_for(redis_client), KEYS.session("noaudio")
     entry = await start_session(redis, "noaudio", "w1")
     first = await store.acquire(sk, "w1", 5, entry)
     await store.finish(
         sk, first.epoch, entry, status="ended", reason="completed", event=ended("noaudio"), frames=0
     )
-    assert await redis.xlen(sk.audio) == 1 and 0 < await redis.ttl(sk.audio) <= 60
+    assert await redis.exists(sk.audio) and await redis.xlen(sk.audio) == 0
+    assert await redis.xinfo_groups(sk.audio) == []
+    await redis.xadd(sk.audio, p.frame_fields(0, bytes(640)))  # a late frame keeps the TTL
+    assert 0 < await redis.ttl(sk.audio) <= 60
     assert await redis.xlen(sk.dead) == 0
 
 

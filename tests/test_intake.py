@@ -23,6 +23,7 @@ from worker.config import load_settings
 from worker.events import standalone_event
 from worker.ledger import Commit
 from worker.pool import WorkerPool
+from worker.store import Rejection
 
 KEYS = p.Keys()
 
@@ -247,10 +248,18 @@ async def test_a_crash_looping_session_reports_its_real_progress() -> None:
 # ------------------------------------------------------------------------------ (i) rejecting
 
 
-def _rejection(sid: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _rejection(
+    sid: str, entry: bytes, reason: str = "bad_format: x", sk: p.SessionKeys | None = None
+) -> Rejection:
     error = standalone_event(sid, p.ERROR, "bad_format", code="bad_format", message="m", fatal=True)
+    if sk is None:
+        return Rejection(entry, sid.encode(), reason, error)
     ended = standalone_event(sid, p.SESSION_ENDED, "end", reason=p.END_REJECTED, frames=0, finals=0)
-    return error, ended
+    reused = standalone_event(sid, p.ERROR, "sid_reused", code="sid_reused", message="m", fatal=False)
+    return Rejection(entry, sid.encode(), reason, error, sk.audio, sk, ended, reused, "sid_reused: m")
+
+
+HERE = (KEYS.sessions(0), KEYS.dead(0), KEYS.results(0))
 
 
 async def _deliver(redis: aioredis.Redis, fields: dict[str, Any]) -> bytes:  # noqa: F811
@@ -263,52 +272,67 @@ async def _deliver(redis: aioredis.Redis, fields: dict[str, Any]) -> bytes:  # n
 async def test_reject_script_reports_a_new_sid_once(redis: aioredis.Redis) -> None:  # noqa: F811
     store, sk = store_for(redis), KEYS.session("nope")
     entry = await _deliver(redis, {"sid": "nope", "sample_rate": "lots"})
-    args = (KEYS.sessions(0), KEYS.dead(0), entry, b"nope", "bad_format: x", (sk, *_rejection("nope")))
-    assert await store.reject_session(*args) == "rejected"
-    assert await store.reject_session(*args) == "dup"  # a retry after a lost reply: nothing twice
+    rejection = _rejection("nope", entry, sk=sk)
+    assert await store.reject_session(*HERE, rejection) == "rejected"
+    assert await store.reject_session(*HERE, rejection) == "dup"  # a retry after a lost reply: nothing twice
     assert [f[b"type"] for _, f in await redis.xrange(sk.results)] == [b"error", b"session_ended"]
     assert await redis.xlen(sk.partition_results) == 2 and await redis.xlen(KEYS.dead(0)) == 1
     state = await redis.hgetall(sk.state)
     assert (state[b"status"], state[b"reason"], state[b"start_id"]) == (b"failed", b"rejected", entry)
+    assert state[b"sample_rate"] == b"lots"  # the entry's fields, as for every ended session
     for key in (sk.state, sk.results, sk.audio):
         assert 0 < await redis.ttl(key) <= 60
+    assert await redis.xlen(sk.audio) == 0  # created empty, only to carry the TTL
     assert await redis.xlen(KEYS.sessions(0)) == 0
     assert (await redis.xpending(KEYS.sessions(0), p.WORKERS_GROUP))["pending"] == 0
-    # A second bad entry naming the same sid now only dead-letters: session_ended stays unique.
+    # The producer retries its XADD (the same entry again): dropped without a word.
+    retry = await _deliver(redis, {"sid": "nope", "sample_rate": "lots"})
+    assert await store.reject_session(*HERE, _rejection("nope", retry, sk=sk)) == "duplicate"
+    assert await redis.xlen(sk.results) == 2 and await redis.xlen(KEYS.dead(0)) == 1
+    # Another entry naming the same sid is a reuse: reported, but session_ended stays unique.
     again = await _deliver(redis, {"sid": "nope", "frame_ms": "x"})
-    assert (
-        await store.reject_session(
-            KEYS.sessions(0), KEYS.dead(0), again, b"nope", "r", (sk, *_rejection("nope"))
-        )
-        == "dead"
-    )
-    assert await redis.xlen(sk.results) == 2 and await redis.xlen(KEYS.dead(0)) == 2
+    assert await store.reject_session(*HERE, _rejection("nope", again, sk=sk)) == "reused"
+    types = [(f[b"type"], p.decode_event(f).get("code")) for _, f in await redis.xrange(sk.results)]
+    assert types == [(b"error", "bad_format"), (b"session_ended", None), (b"error", "sid_reused")]
+    assert await redis.xlen(KEYS.dead(0)) == 2
+    assert await redis.hget(sk.state, "start_id") == entry
 
 
-async def test_reject_script_never_writes_into_a_session_it_names(redis: aioredis.Redis) -> None:  # noqa: F811
+async def test_reject_script_reports_a_reuse_without_touching_the_session(redis: aioredis.Redis) -> None:  # noqa: F811
     store, sk = store_for(redis), KEYS.session("live")
     live_entry = await start_session(redis, "live")
     await store.acquire(sk, "w1", 5, live_entry)
     before = await redis.hgetall(sk.state)
     bad = await _deliver(redis, {"sid": "live", "options": '{"callback": "x"}'})
-    reply = await store.reject_session(
-        KEYS.sessions(0), KEYS.dead(0), bad, b"live", "r", (sk, *_rejection("live"))
-    )
-    assert reply == "dead"
-    assert await redis.hgetall(sk.state) == before and await redis.xlen(sk.results) == 0
+    assert await store.reject_session(*HERE, _rejection("live", bad, sk=sk)) == "reused"
+    assert await redis.hgetall(sk.state) == before
+    (event,) = [p.decode_event(f) for _, f in await redis.xrange(sk.results)]
+    assert (event["code"], event["fatal"]) == ("sid_reused", False)  # the session goes on
     assert await redis.ttl(sk.state) == -1  # the live session's keys keep no TTL
     assert [e for e, _ in await redis.xrange(KEYS.sessions(0))] == [live_entry]  # only the bad one went
     pending = await redis.xpending_range(KEYS.sessions(0), p.WORKERS_GROUP, "-", "+", 10)
     assert [x["message_id"] for x in pending] == [live_entry]
 
 
-async def test_reject_script_with_an_invalid_sid_only_dead_letters(redis: aioredis.Redis) -> None:  # noqa: F811
+async def test_acquire_tells_a_retried_entry_from_a_reused_sid(redis: aioredis.Redis) -> None:  # noqa: F811
+    """Fails when ACQUIRE takes every second entry for a sid as a harmless duplicate (a reuse was
+    dropped silently) or every one as a reuse (a retried XADD would be reported)."""
+    store, sk = store_for(redis), KEYS.session("twice")
+    first = await start_session(redis, "twice")
+    assert (await store.acquire(sk, "w1", 5, first)).status == "ok"
+    retry = await _deliver(redis, p.SessionStart("twice").to_fields())  # the same fields again
+    assert (await store.acquire(sk, "w1", 5, retry)).status == "duplicate"
+    other = await _deliver(redis, p.SessionStart("twice", labels={"x": "y"}).to_fields())
+    assert (await store.acquire(sk, "w1", 5, other)).status == "reused"
+    pending = await redis.xpending_range(KEYS.sessions(0), p.WORKERS_GROUP, "-", "+", 10)
+    assert sorted(x["message_id"] for x in pending) == sorted([first, other])  # left for REJECT_SESSION
+    assert await redis.hget(sk.state, "start_id") == first
+
+
+async def test_reject_script_with_an_invalid_sid_reports_in_the_partition(redis: aioredis.Redis) -> None:  # noqa: F811
     store = store_for(redis)
     bad = await _deliver(redis, {"nosid": "1"})
-    assert (
-        await store.reject_session(KEYS.sessions(0), KEYS.dead(0), bad, b"", "missing_fields: x", None)
-        == "dead"
-    )
+    assert await store.reject_session(*HERE, _rejection("", bad, "missing_fields: x")) == "dead"
     ((_, letter),) = await redis.xrange(KEYS.dead(0))
     assert letter == {
         b"sid": b"",
@@ -316,6 +340,9 @@ async def test_reject_script_with_an_invalid_sid_only_dead_letters(redis: aiored
         b"stream": KEYS.sessions(0).encode(),
         b"entry": bad,
     }
+    # A reader can see it: the partition's results stream is the one place without a valid sid.
+    ((_, fields),) = await redis.xrange(KEYS.results(0))
+    assert p.decode_event(fields)["type"] == p.ERROR
     assert await redis.xlen(KEYS.sessions(0)) == 0
     assert await redis.keys("*:s:*") == []
 

@@ -274,7 +274,7 @@ def test_fatal_gap_flushes_what_was_sent_before_failing() -> None:
     error, end = m.closed(0.2)
     assert isinstance(error, sm.Publish) and error.event["code"] == "bad_input" and error.event["fatal"]
     assert (end.status, end.reason, end.frames, end.finals) == (p.STATUS_FAILED, p.END_FAILED, 2, 1)
-    assert end.dead_reason.startswith("bad input: frames 2..999999999 never arrived")
+    assert end.dead_reason.startswith("bad_input: frames 2..999999999 never arrived")
 
 
 def test_session_over_its_maximum_length_is_flushed_then_failed() -> None:
@@ -283,7 +283,7 @@ def test_session_over_its_maximum_length_is_flushed_then_failed() -> None:
     actions = m.live([entry(n) for n in range(8)], 0.0)
     assert sent(actions) == [0, 1, 2, 3, 4]
     assert isinstance(actions[-1], sm.CloseInput)
-    assert m.closed(0.1)[-1].dead_reason == "bad input: session is longer than 0.1 s"
+    assert m.closed(0.1)[-1].dead_reason == "bad_input: session is longer than 0.1 s"
 
 
 def test_connection_lost_while_closing_replays_and_closes_again() -> None:
@@ -378,7 +378,7 @@ def test_fatal_failure_reports_once_and_fails() -> None:
     m.live([entry(0)], 0.0)
     error, end = m.failed(Failure(True, "http_401", "bad key"), 0.1)
     assert error.event["code"] == "http_401" and error.event["fatal"]
-    assert (end.reason, end.dead_reason) == (p.END_FAILED, "deepgram http_401: bad key")
+    assert (end.reason, end.dead_reason) == (p.END_FAILED, "http_401: bad key")
     assert m.failed(DROP, 0.2) == []  # ended: nothing more
 
 

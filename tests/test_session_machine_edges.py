@@ -268,7 +268,7 @@ def test_end_marker_missing_exactly_max_gap_frames_pads_them() -> None:
     actions = m.live([entry(0), end_entry(1, frames=4)], 0.0)
     assert sent(actions) == [0, None, None, None]
     (gap,) = of(sm.Publish, actions)
-    assert gap.event["code"] == "seq_gap" and gap.once == "gap:1"
+    assert gap.event["code"] == "end_mismatch" and gap.once == "end_mismatch"
     (end,) = m.closed(0.1)
     assert (end.status, end.reason, end.frames) == (p.STATUS_ENDED, p.END_COMPLETED, 4)
 
@@ -281,7 +281,7 @@ def test_end_marker_missing_more_than_max_gap_frames_fails_the_session() -> None
     error, end = m.closed(0.1)
     assert error.event["code"] == "bad_input" and error.event["fatal"]
     assert (end.status, end.reason, end.frames) == (p.STATUS_FAILED, p.END_FAILED, 1)
-    assert end.dead_reason == "bad input: end marker says 5 frames were sent, but only 1 arrived"
+    assert end.dead_reason == "bad_input: end marker says 5 frames were sent, but only 1 arrived"
 
 
 def test_entries_after_a_fatal_end_marker_are_reported_too() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from producer.protocol import DeploymentMismatch
 from worker.config import ConfigError, Settings, load_settings
 from worker.logs import configure_logging, register_secret, register_url
 
@@ -98,6 +99,8 @@ def worker(**flags: Any) -> None:
         run_async(serve())
     except OSError as exc:
         raise click.ClickException(f"worker failed: {exc.strerror or exc}") from None
+    except DeploymentMismatch as exc:  # another partition count than the deployment's: say which
+        raise click.ClickException(f"worker refused to start: {exc}") from None
 
 
 class _BadInput(click.ClickException):

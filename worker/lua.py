@@ -27,20 +27,67 @@ local function writable(keys)
 end
 """
 
+# Prepended to the scripts that judge or retire sessions entries. `entry_digest` fingerprints a
+# sessions entry (every field but `sid`, sorted, length-prefixed, SHA-1): the state hash keeps the
+# fingerprint of the entry that started the session (`entry_sha`), so a later entry for the same sid
+# is told apart: the same fingerprint is a retried XADD (dropped silently), another one a reuse of
+# the sid (`sid_reused`). `empty_with_ttl` gives a key a TTL without writing into it: an audio
+# stream that does not exist yet is created EMPTY (XGROUP CREATE ... MKSTREAM, then the group is
+# destroyed: no entry is ever added), so frames a producer appends later keep the TTL; the worker
+# never writes an entry into a producer's audio stream.
+_ENTRIES = """
+local function entry_fields(stream, id)
+  if id == '' then return nil end
+  local found = redis.call('XRANGE', stream, id, id)
+  if found[1] then return found[1][2] end
+  return nil
+end
+local function entry_digest(f)
+  if not f then return nil end
+  local names, values = {}, {}
+  for i = 1, #f - 1, 2 do
+    if f[i] ~= 'sid' then names[#names + 1] = f[i]; values[f[i]] = f[i + 1] end
+  end
+  table.sort(names)
+  local parts = {}
+  for _, n in ipairs(names) do
+    parts[#parts + 1] = #n .. ':' .. n .. '=' .. #values[n] .. ':' .. values[n]
+  end
+  return redis.sha1hex(table.concat(parts, ';'))
+end
+local function empty_with_ttl(key, ttl)
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('XGROUP', 'CREATE', key, 'vq-ttl', '$', 'MKSTREAM')
+    redis.call('XGROUP', 'DESTROY', key, 'vq-ttl')
+  end
+  redis.call('EXPIRE', key, ttl)
+end
+"""
+
 # KEYS: state, sessions. ARGV: owner, max_takeovers, now_ms, sessions_entry_id
 # Returns {status, epoch, committed_seq, committed_id, frames, finals, takeovers, stalled};
-# status is ok, done (already ended), poison (crash loop) or duplicate (another entry owns this
-# sid). A done or duplicate entry is retired here (XACK + XDEL): it is no lease, and the stream
-# must not keep it. `takeovers` counts every takeover; the crash-loop limit applies to
-# `stalled_takeovers`, the takeovers in a row with no committed progress in between
-# (`takeover_seq` remembers committed_seq at the last takeover): a long, healthy session whose
-# workers die for unrelated reasons is never failed as a crash loop. A state hash from before
-# `stalled_takeovers` existed counts all its takeovers as stalled. A poison reply carries the real
-# commit point and counters, so the session's end reports them.
-ACQUIRE: Final = """
+# status is ok, done (already ended), poison (crash loop), duplicate (a retried XADD of the entry
+# that owns this sid: same fingerprint) or reused (another entry owns this sid and this one differs:
+# the caller rejects it with `sid_reused`, lua.REJECT_SESSION). A done or duplicate entry is
+# retired here (XACK + XDEL): it is no lease, and the stream must not keep it; a reused one is left
+# pending for REJECT_SESSION, which reports it and retires it. `takeovers` counts every takeover;
+# the crash-loop limit applies to `stalled_takeovers`, the takeovers in a row with no committed
+# progress in between (`takeover_seq` remembers committed_seq at the last takeover): a long,
+# healthy session whose workers die for unrelated reasons is never failed as a crash loop. A state
+# hash from before `stalled_takeovers` existed counts all its takeovers as stalled. A poison reply
+# carries the real commit point and counters, so the session's end reports them.
+ACQUIRE: Final = (
+    _ENTRIES
+    + """
 local start_id = redis.call('HGET', KEYS[1], 'start_id')
 if start_id and start_id ~= ARGV[4] then
-  -- A second sessions entry for the same sid (a producer retried its XADD): not a new owner.
+  -- A second sessions entry for the same sid. The same fields as the first (a producer retried its
+  -- XADD) is harmless; other fields mean the sid was reused. A state from before fingerprints
+  -- existed has none: taken as a retry, as it always was.
+  local known = redis.call('HGET', KEYS[1], 'entry_sha')
+  if known and known ~= entry_digest(entry_fields(KEYS[2], ARGV[4])) then
+    return {'reused', 0, -1, '0-0', 0, 0, 0, 0}
+  end
   redis.call('XACK', KEYS[2], 'workers', ARGV[4])
   redis.call('XDEL', KEYS[2], ARGV[4])
   return {'duplicate', 0, -1, '0-0', 0, 0, 0, 0}
@@ -65,7 +112,10 @@ elseif status then
 end
 redis.call('HSET', KEYS[1], 'status', 'active', 'owner', ARGV[1], 'claimed_at', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[3])
-redis.call('HSETNX', KEYS[1], 'start_id', ARGV[4])
+if redis.call('HSETNX', KEYS[1], 'start_id', ARGV[4]) == 1 then
+  local digest = entry_digest(entry_fields(KEYS[2], ARGV[4]))
+  if digest then redis.call('HSET', KEYS[1], 'entry_sha', digest) end
+end
 redis.call('PERSIST', KEYS[1])
 local verdict = 'ok'
 if stalled > tonumber(ARGV[2]) then verdict = 'poison' end
@@ -75,6 +125,7 @@ return {verdict, epoch, committed,
   tonumber(redis.call('HGET', KEYS[1], 'finals') or '0'),
   takeovers, stalled}
 """
+)
 
 # KEYS: state, session results, partition results
 # ARGV: epoch, seq_to, last_id ('' = none), maxlen, publish ('1'/'0'), type, sid, text, e, seq_from
@@ -134,6 +185,7 @@ return 'ok'
 # their finals for good: 'stale', and the owner replays from Redis's commit point first.
 FINISH: Final = (
     _WRITABLE
+    + _ENTRIES
     + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -171,10 +223,9 @@ redis.call('HDEL', KEYS[1], 'owner')
 local ttl = tonumber(ARGV[4])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
--- Frames a producer appends after the end (a session rejected before its audio) must expire too:
--- make sure the audio key exists, so it carries the TTL (XADD keeps an existing TTL).
-if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('XADD', KEYS[4], '*', 'end', '1') end
-redis.call('EXPIRE', KEYS[4], ttl)
+-- Frames a producer appends after the end (a session that ended before its audio) must expire
+-- too: an audio key that does not exist yet is created empty, carrying the TTL (XADD keeps it).
+empty_with_ttl(KEYS[4], ttl)
 return 'ok'
 """
 )
@@ -228,42 +279,93 @@ return 'ok'
 """
 )
 
-# KEYS: sessions, dead [, state, session results, partition results, audio — only when the entry
-# names a valid sid of this partition]
-# ARGV: entry_id, sid (raw), reason, maxlen, retention_s, error event (type, sid, text, e),
-#       session_ended event (type, sid, text, e)
-# Rejects one sessions entry atomically: dead letter, XACK + XDEL of the entry, and, when the entry
-# names a valid sid of this partition and no session of that id exists, the session's error and
-# session_ended(rejected) events, a state hash saying so (status failed, reason rejected) and the
-# retention TTL on its keys. A bad entry never writes into a session that exists (live or ended):
-# it merely names it. Idempotent: an entry no longer pending was handled already ('dup').
+# KEYS: sessions, dead, partition results [, audio [, state, session results]]
+#   audio: when the entry names a valid sid, that sid's audio key IN THIS PARTITION (misplaced audio
+#   when the entry is in the wrong partition); state and session results: when the sid is valid and
+#   belongs to this partition.
+# ARGV: entry_id ('' = the entry sits in another partition's stream: write the session's side only),
+#       sid (raw), reason, maxlen, retention_s, error event (type, sid, text, e),
+#       session_ended event (type, sid, text, e), sid_reused error event (type, sid, text, e),
+#       sid_reused reason
+# Rejects one sessions entry atomically. Outcomes:
+#   dup       the entry is no longer pending: handled already (idempotent across lost replies);
+#   duplicate it names an existing session and has that session's fingerprint (a retried XADD of
+#             the session's own entry): retired silently;
+#   reused    it names an existing session (live or ended) with other fields: retired, dead
+#             letter, and a non-fatal `sid_reused` error in the session's and the partition's
+#             results (the session itself is untouched: no state change, no second session_ended);
+#   rejected  it names a valid sid of this partition with no session yet: dead letter, the
+#             session's error and session_ended(rejected) in both results streams, a state hash
+#             (status failed, reason rejected, the entry's format/options/labels, its fingerprint)
+#             and the retention TTL on the session's keys;
+#   dead      no session to report to (no valid sid, or another partition's): dead letter, the error
+#             in this partition's results, and the retention TTL on the misplaced audio stream;
+#   exists    (entry_id '') the session exists already: nothing written.
 REJECT_SESSION: Final = (
     _WRITABLE
+    + _ENTRIES
     + """
-if not writable({KEYS[2]}) or (#KEYS >= 6 and not writable({KEYS[4], KEYS[5], KEYS[6]})) then
-  return redis.error_reply(WRONGTYPE)
-end
-if redis.call('XACK', KEYS[1], 'workers', ARGV[1]) == 0 then
-  redis.call('XDEL', KEYS[1], ARGV[1])
-  return 'dup'
-end
-redis.call('XDEL', KEYS[1], ARGV[1])
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'sid', ARGV[2], 'reason', ARGV[3],
-  'stream', KEYS[1], 'entry', ARGV[1])
-if #KEYS < 6 or redis.call('EXISTS', KEYS[3]) == 1 then return 'dead' end
-for base = 6, 10, 4 do
+local writes = {KEYS[2], KEYS[3]}
+if #KEYS >= 4 then table.insert(writes, KEYS[4]) end
+if #KEYS >= 6 then table.insert(writes, KEYS[6]) end
+if not writable(writes) then return redis.error_reply(WRONGTYPE) end
+local function publish(streams, base)
   local fields = {'type', ARGV[base], 'sid', ARGV[base + 1], 'text', ARGV[base + 2], 'e', ARGV[base + 3]}
-  redis.call('XADD', KEYS[4], '*', unpack(fields))
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+  for _, key in ipairs(streams) do
+    if key == KEYS[3] then
+      redis.call('XADD', key, 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+    else
+      redis.call('XADD', key, '*', unpack(fields))
+    end
+  end
 end
-redis.call('HSET', KEYS[3], 'status', 'failed', 'reason', 'rejected', 'start_id', ARGV[1],
-  'frames', 0, 'finals', 0, 'committed_seq', -1, 'ended_at', redis.call('TIME')[1])
+local function dead_letter(reason)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'sid', ARGV[2], 'reason', reason,
+    'stream', KEYS[1], 'entry', ARGV[1])
+end
+local here = ARGV[1] ~= ''
+local f = nil
+if here then
+  f = entry_fields(KEYS[1], ARGV[1])
+  if redis.call('XACK', KEYS[1], 'workers', ARGV[1]) == 0 then
+    redis.call('XDEL', KEYS[1], ARGV[1])
+    return 'dup'
+  end
+  redis.call('XDEL', KEYS[1], ARGV[1])
+end
 local ttl = tonumber(ARGV[5])
-redis.call('EXPIRE', KEYS[3], ttl)
-redis.call('EXPIRE', KEYS[4], ttl)
--- The audio stream too, even if no frame came yet: later appends keep the TTL.
-if redis.call('EXISTS', KEYS[6]) == 0 then redis.call('XADD', KEYS[6], '*', 'end', '1') end
+if #KEYS >= 6 and redis.call('EXISTS', KEYS[5]) == 1 then
+  if not here then return 'exists' end
+  local known = redis.call('HGET', KEYS[5], 'entry_sha')
+  if known and f and known == entry_digest(f) then return 'duplicate' end
+  dead_letter(ARGV[18])
+  publish({KEYS[6], KEYS[3]}, 14)
+  return 'reused'
+end
+if here then dead_letter(ARGV[3]) end
+if #KEYS < 6 then
+  publish({KEYS[3]}, 6)
+  if #KEYS >= 4 then empty_with_ttl(KEYS[4], ttl) end
+  return 'dead'
+end
+publish({KEYS[6], KEYS[3]}, 6)
+publish({KEYS[6], KEYS[3]}, 10)
+redis.call('HSET', KEYS[5], 'status', 'failed', 'reason', 'rejected', 'start_id', ARGV[1],
+  'frames', 0, 'finals', 0, 'committed_seq', -1, 'ended_at', redis.call('TIME')[1])
+if f then
+  local kept = {encoding = true, sample_rate = true, channels = true, frame_ms = true,
+    options = true, labels = true}
+  for i = 1, #f - 1, 2 do
+    if kept[f[i]] and #f[i + 1] <= 65536 then redis.call('HSET', KEYS[5], f[i], f[i + 1]) end
+  end
+end
+-- Without the entry (it sits in another partition), no fingerprint can match: any later entry for
+-- this sid is a reuse.
+redis.call('HSET', KEYS[5], 'entry_sha', entry_digest(f) or 'none')
+redis.call('EXPIRE', KEYS[5], ttl)
 redis.call('EXPIRE', KEYS[6], ttl)
+-- The audio stream too, even if no frame came yet (created empty): later appends keep the TTL.
+empty_with_ttl(KEYS[4], ttl)
 return 'rejected'
 """
 )

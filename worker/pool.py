@@ -32,7 +32,7 @@ from worker.deepgram_link import DeepgramLink
 from worker.events import standalone_event
 from worker.metrics import METRICS
 from worker.session_runner import SessionRunner, WorkerContext
-from worker.store import TRANSIENT_REDIS_ERRORS, Fenced, SessionStore, StateLost, connect_redis
+from worker.store import TRANSIENT_REDIS_ERRORS, Fenced, Rejection, SessionStore, StateLost, connect_redis
 
 log = structlog.get_logger("voxqueue.worker")
 
@@ -111,6 +111,7 @@ class WorkerPool:
             await self._teardown([])
             self.log.info("worker stopped during start-up")
             return
+        await self._check_deployment()
         self.starting = False
         background = [
             asyncio.create_task(self._supervised("reader", self.reader.run)),
@@ -238,6 +239,36 @@ class WorkerPool:
     async def _create_session_groups(self) -> None:
         for key in self.keys.all_sessions():
             await self.store.ensure_group(key, "0")
+
+    async def _check_deployment(self) -> None:
+        """Stores the deployment's namespace settings (`NS:deployment`: partition count, protocol
+        version) if no worker has yet, and refuses to start if they disagree with ours: a worker
+        with another partition count would read streams no producer writes, and reject every
+        entry it does read as wrong_partition. Producers read the same hash (docs/protocol.md §1)."""
+        key = self.keys.deployment()
+        backoff = Backoff(0.1, 2.0)
+        for attempt in range(10):
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.hsetnx(key, p.D_PARTITIONS, str(self.settings.partitions))
+                    pipe.hsetnx(key, p.D_PROTOCOL, str(p.PROTOCOL_VERSION))
+                    pipe.hgetall(key)
+                    *_, stored = await pipe.execute()
+                break
+            except TRANSIENT_REDIS_ERRORS as exc:
+                if attempt == 9:
+                    raise
+                self.log.warning("redis unavailable at start-up, retrying", error=type(exc).__name__)
+                await asyncio.sleep(backoff.next_delay())
+        try:
+            p.check_deployment(stored, self.keys)
+        except p.DeploymentMismatch as exc:
+            self.log.error("refusing to start: deployment settings differ", error=str(exc), key=key)
+            await _settled(
+                [asyncio.ensure_future(c.aclose()) for c in (self.redis, self.claim_redis, self.read_redis)],
+                CLIENT_CLOSE_SECONDS,
+            )
+            raise
 
     # ------------------------------------------------------------------------------ claiming
 
@@ -429,6 +460,13 @@ class WorkerPool:
                 "could not acquire session; it will be retried", sid=start.sid, error=type(exc).__name__
             )
             return
+        if acquired.status == "reused":
+            # Another entry owns this sid and this one differs from it: never a second session.
+            error = p.ProtocolError(
+                "sid_reused", f"session {start.sid} already exists; session ids are never reused"
+            )
+            await self._reject_session(sessions_key, entry_id, raw, error)
+            return
         if acquired.status in ("done", "duplicate"):
             # ACQUIRE has already acknowledged and deleted the entry.
             if acquired.status == "duplicate":
@@ -506,41 +544,70 @@ class WorkerPool:
     async def _reject_session(
         self, sessions_key: str, entry_id: bytes, raw: dict[bytes, bytes], exc: p.ProtocolError
     ) -> None:
-        """A session entry we cannot run: dead-letter it and tell the producer, if it named a sid.
-        One atomic script (lua.REJECT_SESSION): it writes the session's events only when the sid is
-        valid, in this partition and names no existing session (a bad entry never writes into a
-        session it merely names), and acknowledges and deletes the entry."""
+        """A session entry we cannot run: dead-letter it and tell whoever can be told, in one atomic
+        script (lua.REJECT_SESSION) per partition. Where a reader sees it (docs/protocol.md §2):
+        * a valid sid of this partition with no session yet: the session's own results (error,
+          session_ended rejected) and a state hash saying so;
+        * a valid sid of this partition whose session exists (live or ended): a retry of its own
+          entry is dropped silently, anything else is `sid_reused` (a non-fatal error in the
+          session's results; the session is not touched);
+        * a valid sid of another partition (wrong_partition): the session's own results and state
+          in its correct partition as above, plus the error in this partition's results and a TTL on
+          the misplaced audio stream;
+        * no valid sid (bad_sid, missing_fields): the error in this partition's results only.
+        Every case also writes a dead letter in this partition's dead stream."""
         METRICS.bad_entries.labels(exc.code).inc()
         sid_raw = raw.get(b"sid", b"")
         if not isinstance(sid_raw, bytes):
             sid_raw = str(sid_raw).encode()
-        reason = f"{exc.code}: {exc}"
+        sid_raw = sid_raw[: p.MAX_SID_LENGTH * 4]  # bounded copies: the entry itself may be huge
+        reason = f"{exc.code}: {exc}"[:1000]
         self.log.warning("rejected session entry", entry=entry_id.decode(), code=exc.code, reason=str(exc))
         partition = self.partition_of_stream[sessions_key]
-        session = None
+        name = entry_id.decode()
         try:
             sid = sid_raw.decode()
             p.validate_sid(sid)
         except (UnicodeDecodeError, p.ProtocolError):
             sid = ""
-        if sid and self.keys.partition(sid) == partition:
-            error = standalone_event(sid, p.ERROR, exc.code, code=exc.code, message=str(exc), fatal=True)
-            ended = standalone_event(
-                sid,
-                p.SESSION_ENDED,
-                "end",
-                reason=p.END_REJECTED,
-                frames=0,
-                audio_seconds=0.0,
-                finals=0,
-                detail=str(exc),
-            )
-            session = (self.keys.session(sid), error, ended)
-        dead = self.keys.dead(partition)
-        # Bounded copies into the dead letter: the entry itself may be huge (it is deleted).
-        await self.store.reject_session(
-            sessions_key, dead, entry_id, sid_raw[: p.MAX_SID_LENGTH * 4], reason[:1000], session
+        shown = sid or sid_raw.decode(errors="replace")
+        error = standalone_event(
+            shown, p.ERROR, f"{exc.code}/{name}", code=exc.code, message=str(exc)[:1000], fatal=True
         )
+        here_keys = (sessions_key, self.keys.dead(partition), self.keys.results(partition))
+        if not sid:
+            await self.store.reject_session(*here_keys, Rejection(entry_id, sid_raw, reason, error))
+            return
+        sk = self.keys.session(sid)
+        ended = standalone_event(
+            sid,
+            p.SESSION_ENDED,
+            "end",
+            reason=p.END_REJECTED,
+            frames=0,
+            audio_seconds=0.0,
+            finals=0,
+            detail=str(exc)[:1000],
+        )
+        message = (
+            f"session {sid} already exists (or existed); entry {name} was not run (ids are never reused)"
+        )
+        reused = standalone_event(
+            sid, p.ERROR, f"sid_reused/{name}", code="sid_reused", message=message, fatal=False
+        )
+        if sk.partition == partition:
+            rejection = Rejection(
+                entry_id, sid_raw, reason, error, sk.audio, sk, ended, reused, f"sid_reused: {message}"
+            )
+            await self.store.reject_session(*here_keys, rejection)
+            return
+        # wrong_partition: the session's side first, in its own partition (written only if no session
+        # of that id exists), then the entry's side here; a crash between the two re-delivers the
+        # entry, and the session's side then finds its state and writes nothing more.
+        own = (sk.sessions, sk.dead, sk.partition_results)
+        await self.store.reject_session(*own, Rejection(b"", sid_raw, reason, error, sk.audio, sk, ended))
+        misplaced = self.keys.session_in(sid, partition).audio
+        await self.store.reject_session(*here_keys, Rejection(entry_id, sid_raw, reason, error, misplaced))
 
     # ------------------------------------------------------------------------------ leases
 

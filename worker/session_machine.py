@@ -477,15 +477,32 @@ class SessionMachine:
                     actions.append(
                         self._reject(late_id, "after_end", "entry appended after the end marker; ignored")
                     )
+                # `frames` is the count of frames sent: last seq + 1. Any difference from what
+                # arrived is reported (end_mismatch, not fatal): more declared than arrived pads
+                # the missing tail with silence (up to max_gap_frames, beyond which the session
+                # fails like any gap); fewer declared than arrived changes nothing (every frame
+                # that arrived was sent on).
                 declared = item.frames
-                if declared is not None and declared > ledger.next_seq:
-                    missing = declared - ledger.next_seq
+                arrived = ledger.next_seq
+                if declared is not None and declared != arrived:
+                    missing = declared - arrived
                     if missing > rules.max_gap_frames:
-                        detail = (
-                            f"end marker says {declared} frames were sent, but only {ledger.next_seq} arrived"
-                        )
+                        detail = f"end marker says {declared} frames were sent, but only {arrived} arrived"
                         return self._fatal_input(actions, detail, now)
-                    self._fill_gap(missing, declared, now, actions)
+                    if missing > 0:
+                        message = (
+                            f"end marker says {declared} frames were sent, but only {arrived} arrived; "
+                            f"frames {arrived}..{declared - 1} were sent to Deepgram as silence"
+                        )
+                    else:
+                        message = (
+                            f"end marker says {declared} frames were sent, but {arrived} arrived "
+                            f"(seq 0..{arrived - 1}); all of them were transcribed"
+                        )
+                    event = self.events.error("end_mismatch", message, False, declared)
+                    actions.append(Publish(event, once="end_mismatch"))
+                    if missing > 0:
+                        self._fill_silence(missing, now, actions)
                 return self._stop_input(actions, _Closing(p.STATUS_ENDED, p.END_COMPLETED), now)
             admission, missing = ledger.admit(item.seq)
             if admission is Admission.DUPLICATE:
@@ -533,6 +550,9 @@ class SessionMachine:
             first,
         )
         actions.append(Publish(event, once=f"gap:{first}"))
+        self._fill_silence(missing, now, actions)
+
+    def _fill_silence(self, missing: int, now: float, actions: list[Action]) -> None:
         fill = []
         for _ in range(missing):
             fill.append(self.silence)
@@ -550,7 +570,7 @@ class SessionMachine:
         """Input the session cannot survive: keep what was sent (flush it through Deepgram and
         commit its finals), then fail."""
         self.end_seen = True
-        closing = _Closing(p.STATUS_FAILED, p.END_FAILED, detail, f"bad input: {detail}", "bad_input")
+        closing = _Closing(p.STATUS_FAILED, p.END_FAILED, detail, f"bad_input: {detail}", "bad_input")
         return self._stop_input(actions, closing, now)
 
     def _stop_input(self, actions: list[Action], closing: _Closing, now: float) -> list[Action]:
@@ -670,7 +690,7 @@ class SessionMachine:
                     p.STATUS_FAILED,
                     p.END_FAILED,
                     str(failure),
-                    f"deepgram {failure}",
+                    str(failure),  # "<code>: <message>", like every dead letter's reason
                     failure.code,
                 ),
                 error_message=failure.reason,
@@ -685,7 +705,7 @@ class SessionMachine:
                     p.STATUS_FAILED,
                     p.END_FAILED,
                     f"gave up after {self.attempts} attempts: {failure}",
-                    f"deepgram unavailable: {failure}",
+                    f"{failure.code}: gave up after {self.attempts} attempts: {failure.reason}",
                     failure.code,
                 ),
                 error_message=failure.reason,
@@ -707,7 +727,9 @@ class SessionMachine:
         """The session's owners keep dying before any progress: fail it without connecting."""
         self._expect(Phase.NEW)
         detail = f"taken over {takeovers} times without progress: crash loop"
-        return self._end(_Closing(p.STATUS_FAILED, p.END_FAILED, detail, detail, "crash_loop"))
+        return self._end(
+            _Closing(p.STATUS_FAILED, p.END_FAILED, detail, f"crash_loop: {detail}", "crash_loop")
+        )
 
     def _end(self, closing: _Closing, error_message: str = "") -> list[Action]:
         actions: list[Action] = []

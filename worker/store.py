@@ -71,6 +71,25 @@ class Acquired:
     stalled: int = 0  # takeovers in a row without committed progress: the crash-loop count
 
 
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """One sessions entry to reject (lua.REJECT_SESSION). `audio`: the named sid's audio key in the
+    partition the script runs in (only for a valid sid); `session`: the named session's keys when
+    it belongs to that partition, with its `ended` event and the `reused` error for the case it
+    exists already. `entry_id` b"": the entry sits in another partition (wrong_partition): only the
+    session's side is written."""
+
+    entry_id: bytes
+    sid: bytes
+    reason: str
+    error: dict[str, Any]
+    audio: str | None = None
+    session: p.SessionKeys | None = None
+    ended: dict[str, Any] | None = None
+    reused: dict[str, Any] | None = None
+    reused_reason: str = ""
+
+
 class SessionStore:
     def __init__(self, redis: aioredis.Redis, keys: p.Keys, *, results_maxlen: int, retention: int) -> None:
         self.redis = redis
@@ -254,27 +273,24 @@ class SessionStore:
 
     # ----------------------------------------------------------------------------- intake
 
-    async def reject_session(
-        self,
-        sessions_key: str,
-        dead_key: str,
-        entry_id: bytes,
-        sid: bytes,
-        reason: str,
-        session: tuple[p.SessionKeys, dict[str, Any], dict[str, Any]] | None,
-    ) -> str:
-        """Rejects a sessions entry in one script (lua.REJECT_SESSION). `session`: the keys of the
-        session the entry names plus its error and session_ended events, when the sid is valid and
-        in this partition; the script writes them only if no session of that id exists. Returns
-        rejected (events written), dead (dead letter only) or dup (handled already)."""
-        keys = [sessions_key, dead_key]
-        args: list[Any] = [entry_id, sid, reason, self.maxlen, self.retention]
-        if session is not None:
-            sk, error, ended = session
-            keys += [sk.state, sk.results, sk.partition_results, sk.audio]
-            for event in (error, ended):
-                fields = p.encode_event(event)
-                args += [fields[p.R_TYPE], fields[p.R_SID], fields[p.R_TEXT], fields[p.R_EVENT]]
+    async def reject_session(self, sessions_key: str, dead_key: str, results_key: str, r: Rejection) -> str:
+        """Rejects a sessions entry in one script (lua.REJECT_SESSION), whose comment lists the
+        outcomes: dup, duplicate, reused, rejected, dead, exists. `sessions_key`, `dead_key` and
+        `results_key` are the partition's where the script runs (the entry's, or, with an empty
+        `r.entry_id`, the named session's own partition)."""
+        keys = [sessions_key, dead_key, results_key]
+        if r.audio is not None:
+            keys.append(r.audio)
+            if r.session is not None:
+                keys += [r.session.state, r.session.results]
+        args: list[Any] = [r.entry_id, r.sid, r.reason, self.maxlen, self.retention]
+        for event in (r.error, r.ended, r.reused):
+            if event is None:
+                args += ["", "", "", ""]
+                continue
+            fields = p.encode_event(event)
+            args += [fields[p.R_TYPE], fields[p.R_SID], fields[p.R_TEXT], fields[p.R_EVENT]]
+        args.append(r.reused_reason)
         return _s(await self._reject_session(keys=keys, args=args))
 
     async def retire_entry(self, sessions_key: str, entry_id: bytes) -> None:

@@ -57,12 +57,23 @@ def speech_available() -> bool:
     return Decoder is not None
 
 
+_initial_cmn: str | None = None
+
+
 def _take_decoder() -> Any:
-    # Loading the acoustic model takes ~0.25 s; decoders are reused across connections.
+    # Loading the acoustic model takes ~0.25 s; decoders are reused across connections. Its live
+    # cepstral mean normalisation adapts to the audio it heard, so a reused decoder gets the
+    # initial one back: a connection's transcript must not depend on which connections came before.
+    global _initial_cmn
     with _pool_lock:
-        if _pool:
-            return _pool.pop()
-    return Decoder(**_DECODER_CONFIG)
+        decoder = _pool.pop() if _pool else None
+    if decoder is None:
+        decoder = Decoder(**_DECODER_CONFIG)
+        if _initial_cmn is None:
+            _initial_cmn = decoder.get_cmn(False)
+    elif _initial_cmn is not None:
+        decoder.set_cmn(_initial_cmn)
+    return decoder
 
 
 def _give_back(decoder: Any) -> None:
