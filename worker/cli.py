@@ -14,6 +14,8 @@ from producer.client import url_password
 from worker.config import ConfigError, Settings, load_settings
 from worker.logs import configure_logging, register_secret
 
+EXIT_LOOP_DIED = 3  # a background loop kept failing (worker.pool.LOOP_FAILURES_MAX); restart me
+
 
 def tune_gc() -> None:
     """Fewer, cheaper garbage collections for a long-running service.
@@ -77,17 +79,27 @@ def worker(**flags: Any) -> None:
     settings = _settings(**flags)
     configure_logging(settings.log_level, settings.log_format)
     register_secret(url_password(settings.redis_url))
-    from worker.metrics import METRICS
-    from worker.pool import WorkerPool
+    from worker.health import HealthServer
+    from worker.pool import LoopDied, WorkerPool
 
     tune_gc()
 
     async def serve() -> None:
         pool = WorkerPool(settings)
         pool.install_signal_handlers()
+        health = HealthServer(pool.monitor)
         if settings.metrics_port is not None:
-            METRICS.serve(settings.metrics_port)
-        await pool.run()
+            # /metrics, /healthz, /readyz, served in this event loop (worker/health.py says why).
+            await health.start(settings.metrics_port)
+        try:
+            await pool.run()
+        except LoopDied as exc:
+            click.echo(f"worker failed: {exc}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_LOOP_DIED)
+        finally:
+            await health.close()
         if pool.unstopped:
             # asyncio.run() would now cancel and wait for these tasks with no time limit; they
             # ignored cancellation already (their leases are left to expire), so leave at once.
