@@ -1,4 +1,5 @@
-"""`voxqueue` command line: worker, emulator, demo, and the producer's produce / replay / tail."""
+"""`voxqueue` command line: worker, emulator, demo, the producer's produce / replay / tail, and the
+operator's status / sessions / dead (worker/admin.py)."""
 
 from __future__ import annotations
 
@@ -191,7 +192,14 @@ def _attach_producer_commands() -> None:
     add_producer_commands(main)
 
 
+def _attach_admin_commands() -> None:
+    from worker.admin import add_admin_commands
+
+    add_admin_commands(main)
+
+
 _attach_producer_commands()
+_attach_admin_commands()
 
 
 if __name__ == "__main__":
