@@ -55,7 +55,8 @@ async def test_probes_and_metrics_of_a_worker_running_a_session(tmp_path: Path) 
     stack = Stack(tmp_path).start()
     try:
         stack.start_worker("w1", VOXQUEUE_METRICS_PORT=str(port), VOXQUEUE_CONCURRENCY="1")
-        live = await asyncio.to_thread(wait_for, port, "/healthz", 200, 20)
+        # Answers from start-up on; the loops register as they start.
+        live = await asyncio.to_thread(wait_for, port, "/healthz", 200, 20, lambda b: len(b["loops"]) == 6)
         assert set(live["loops"]) == {"reader", "claim", "autoclaim", "renew", "handover", "monitor"}
         assert set(live["loops"].values()) == {"running"}
         await asyncio.to_thread(wait_for, port, "/readyz", 200, 10)
