@@ -3,6 +3,9 @@
 #   make demo        run the end-to-end demo (private redis-server + emulator + worker + producer)
 #   make test        run the test suite          (make test PYTEST_ARGS='-k logs -x')
 #   make lint        ruff check, ruff format --check, mypy
+#   make lint-ops    hadolint (ops/Dockerfile), kubernetes-validate (ops/k8s), KEDA schema
+#   make lock        regenerate ops/requirements/*.lock (the images' pinned dependencies; network)
+#   make dashboard   regenerate ops/grafana/voxqueue.json; make dashboard-png records a run and plots it
 #   make bench       python -m ops.bench
 #   make mutate      mutation testing of the fenced code (make mutate MUTATE_ARGS='worker/x.py --max 20')
 #   make install     create .venv and install the project (editable) with dev, speech, embedded extras
@@ -24,10 +27,10 @@ STAMP   := $(VENV)/.voxqueue-installed
 PY_OK = -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint bench mutate clean distclean check-python
+.PHONY: help install demo test lint bench mutate clean distclean check-python lint-ops lock dashboard dashboard-png
 
 help:
-	@sed -n '1,12s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '1,15s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 check-python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { \
@@ -67,6 +70,24 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# Deployment files, offline: no Docker engine, no cluster (docs/operations.md says what is not run).
+lint-ops: $(STAMP)
+	$(VENV)/bin/hadolint ops/Dockerfile
+	$(VENV)/bin/kubernetes-validate --strict --quiet ops/k8s/redis.yaml ops/k8s/worker.yaml
+	$(VENV_PY) -m pytest -q -p no:cacheprovider tests/test_ops_files.py
+
+lock: $(STAMP)
+	LOCK_COMPILER=$(VENV)/bin/pip-compile ops/lock.sh
+
+dashboard: $(STAMP)
+	$(VENV_PY) -m ops.grafana.dashboard
+
+# Needs matplotlib (pip install matplotlib): not in the dev extra, only this picture uses it.
+dashboard-png: $(STAMP)
+	mkdir -p build
+	$(VENV_PY) -m ops.grafana.plot record build/dashboard-run.json
+	$(VENV_PY) -m ops.grafana.plot plot build/dashboard-run.json docs/dashboard.png
 
 bench: $(STAMP)
 	$(VENV_PY) -m ops.bench $(BENCH_ARGS)

@@ -1,4 +1,5 @@
-"""`voxqueue` command line: worker, emulator, demo, and the producer's produce / replay / tail."""
+"""`voxqueue` command line: worker, emulator, demo, the producer's produce / replay / tail, and the
+operator's status / sessions / dead (worker/admin.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import click
 from producer.protocol import DeploymentMismatch
 from worker.config import ConfigError, Settings, load_settings
 from worker.logs import configure_logging, register_secret, register_url
+
+EXIT_LOOP_DIED = 3  # a background loop kept failing (worker.pool.LOOP_FAILURES_MAX); restart me
 
 
 def tune_gc() -> None:
@@ -77,17 +80,27 @@ def worker(**flags: Any) -> None:
     settings = _settings(**flags)
     configure_logging(settings.log_level, settings.log_format)
     register_url(settings.redis_url)  # its exact text and its password, in every log line
-    from worker.metrics import METRICS
-    from worker.pool import WorkerPool
+    from worker.health import HealthServer
+    from worker.pool import LoopDied, WorkerPool
 
     tune_gc()
 
     async def serve() -> None:
         pool = WorkerPool(settings)
         pool.install_signal_handlers()
+        health = HealthServer(pool.monitor)
         if settings.metrics_port is not None:
-            METRICS.serve(settings.metrics_port)
-        await pool.run()
+            # /metrics, /healthz, /readyz, served in this event loop (worker/health.py says why).
+            await health.start(settings.metrics_port)
+        try:
+            await pool.run()
+        except LoopDied as exc:
+            click.echo(f"worker failed: {exc}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_LOOP_DIED)
+        finally:
+            await health.close()
         if pool.unstopped:
             # asyncio.run() would now cancel and wait for these tasks with no time limit; they
             # ignored cancellation already (their leases are left to expire), so leave at once.
@@ -205,7 +218,14 @@ def _attach_producer_commands() -> None:
     add_producer_commands(main)
 
 
+def _attach_admin_commands() -> None:
+    from worker.admin import add_admin_commands
+
+    add_admin_commands(main)
+
+
 _attach_producer_commands()
+_attach_admin_commands()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -30,6 +31,7 @@ from worker.backoff import Backoff
 from worker.config import Settings
 from worker.deepgram_link import DeepgramLink
 from worker.events import standalone_event
+from worker.health import Monitor
 from worker.metrics import METRICS
 from worker.session_runner import SessionRunner, WorkerContext
 from worker.store import TRANSIENT_REDIS_ERRORS, Fenced, Rejection, SessionStore, StateLost, connect_redis
@@ -46,6 +48,16 @@ TEARDOWN_SECONDS = 5.0  # background loops after cancel()
 CLIENT_CLOSE_SECONDS = 2.0
 RECANCEL_SECONDS = 1.0  # a task not stopped this long after cancel() is cancelled again
 DRAIN_RESCAN_SECONDS = 0.2  # how often the drain looks for a session the claim loop just started
+# A background loop that fails LOOP_FAILURES_MAX times in a row, all within LOOP_FAILURE_WINDOW
+# seconds, "cannot be restarted": restarting it is not helping (a bug on every pass, a key of the
+# wrong type), so the worker hands its sessions over and exits non-zero for its supervisor
+# (Kubernetes, compose) to restart it. Redis outages never count: the loops wait those out.
+LOOP_FAILURES_MAX = 5
+LOOP_FAILURE_WINDOW = 60.0
+
+
+class LoopDied(RuntimeError):
+    """A background loop kept failing (see LOOP_FAILURES_MAX): the worker must exit."""
 
 
 @dataclass(slots=True)
@@ -91,6 +103,9 @@ class WorkerPool:
         self.handover_channel = f"{settings.namespace}:handover"
         self.unstopped: list[str] = []  # sessions still running when run() returned
         self.log = log.bind(worker=self.consumer)
+        # Background loop name -> running | restarting | dead | stopped, for /healthz.
+        self.loop_state: dict[str, str] = {}
+        self.monitor = Monitor(self)
 
     @property
     def free(self) -> int:
@@ -119,14 +134,20 @@ class WorkerPool:
             asyncio.create_task(self._supervised("autoclaim", self._take_over_expired)),
             asyncio.create_task(self._supervised("renew", self._renew_leases)),
             asyncio.create_task(self._supervised("handover", self._listen_for_handovers)),
+            asyncio.create_task(self._supervised("monitor", self.monitor.run)),
         ]
         stop = asyncio.create_task(self.stop_requested.wait())
         try:
             done, _ = await asyncio.wait([stop, *background], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task is not stop and not task.cancelled() and task.exception():
-                    raise task.exception()  # type: ignore[misc]
+            failed = next(
+                (t.exception() for t in done if t is not stop and not t.cancelled() and t.exception()), None
+            )
+            if failed is not None:
+                # Hand the sessions over before exiting, rather than leaving them to the lease.
+                self.log.error("a background loop died: draining, then exiting", error=repr(failed))
             await self._drain()
+            if failed is not None:
+                raise failed
         finally:
             stop.cancel()
             await self._teardown(background)
@@ -162,16 +183,38 @@ class WorkerPool:
 
     async def _supervised(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
         """Keeps a background loop alive through unexpected errors: a bug or an odd reply in one
-        loop must not take down every session this worker holds."""
+        loop must not take down every session this worker holds. A loop that keeps failing
+        (LOOP_FAILURES_MAX in a row within LOOP_FAILURE_WINDOW) raises LoopDied instead."""
         backoff = Backoff(0.1, 5.0)
+        clock = asyncio.get_running_loop()
+        failures: deque[float] = deque(maxlen=LOOP_FAILURES_MAX)
+        self.loop_state[name] = "running"
+        METRICS.loop_up.labels(name).set(1)
         while True:
+            started = clock.time()
             try:
                 await loop()
+                self.loop_state[name] = "stopped"
+                METRICS.loop_up.labels(name).set(0)
                 return
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                now = clock.time()
+                if now - started > LOOP_FAILURE_WINDOW:  # it ran fine for a while: a fresh count
+                    failures.clear()
+                    backoff.reset()
+                failures.append(now)
+                METRICS.loop_up.labels(name).set(0)
+                if len(failures) == LOOP_FAILURES_MAX and now - failures[0] <= LOOP_FAILURE_WINDOW:
+                    self.loop_state[name] = "dead"
+                    self.log.error(
+                        "background loop keeps failing: giving up", loop=name, failures=len(failures)
+                    )
+                    raise LoopDied(f"background loop {name!r} failed {len(failures)} times in a row") from exc
                 delay = backoff.next_delay()
+                self.loop_state[name] = "restarting"
+                METRICS.loop_restarts.labels(name).inc()
                 self.log.error(
                     "background loop failed; restarting",
                     loop=name,
@@ -180,6 +223,8 @@ class WorkerPool:
                     exc_info=exc,
                 )
                 await asyncio.sleep(delay)
+                self.loop_state[name] = "running"
+                METRICS.loop_up.labels(name).set(1)
 
     starting = True  # until run() has its sessions groups: a signal then stops the start-up
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from worker.backoff import Backoff
 from worker.config import Settings
 from worker.deepgram_link import DeepgramLink, request_id_of
 from worker.failures import Failure, classify
-from worker.metrics import METRICS
+from worker.metrics import METRICS, entry_age
 from worker.store import TRANSIENT_REDIS_ERRORS, Acquired, Fenced, SessionStore
 
 log = structlog.get_logger("voxqueue.session")
@@ -101,11 +102,28 @@ class SessionRunner:
         except p.ProtocolError as exc:
             error = exc
         started = self.machine.events.session_started(self.start, self.ctx.consumer)
+        await self._observe_claim()
         try:
             now = asyncio.get_running_loop().time()
             await self._drive(self.machine.begin(now, started, error))
         finally:
             self.ctx.reader.unfollow(self.keys.audio)
+
+    async def _observe_claim(self) -> None:
+        """Claim delay (a new session: epoch 1) or takeover gap (any later owner), for the metrics.
+        The gap costs one XRANGE of one entry per takeover; failing to read it only skips it."""
+        if self.epoch <= 1:
+            age = entry_age(self.entry_id, time.time())
+            if age is not None:
+                METRICS.claim_delay.observe(max(0.0, age))
+            return
+        try:
+            first = await self.ctx.store.read_range(self.keys.audio, self.machine.ledger.committed_id, 1)
+        except Exception:  # a measurement must never cost the session
+            return
+        age = entry_age(first[0][0], time.time()) if first else None
+        if age is not None:
+            METRICS.takeover_gap.observe(max(0.0, age))
 
     async def fail_crash_loop(self, takeovers: int) -> None:
         await self._drive(self.machine.fail_crash_loop(takeovers))
@@ -243,6 +261,10 @@ class SessionRunner:
             await asyncio.sleep(delay)
         await conn.send_media(action.payload)
         METRICS.frames_sent.inc(action.frames)
+        unacked = self.machine.ledger.unacked
+        lag = entry_age(unacked[-1][1], time.time()) if unacked else None
+        if lag is not None:
+            METRICS.frame_lag.observe(max(0.0, lag))
 
     async def send_inline(self, entries: list[Entry]) -> bool:
         """Called by the audio reader with fresh entries: sends them from the reader's own task when
@@ -267,6 +289,9 @@ class SessionRunner:
         try:
             await conn.send_media(payload)
             METRICS.frames_sent.inc(len(entries))
+            lag = entry_age(entries[-1][0], time.time())
+            if lag is not None:
+                METRICS.frame_lag.observe(max(0.0, lag))
         except Exception as exc:
             if generation == self.generation:
                 self.inline_error = exc
@@ -282,6 +307,7 @@ class SessionRunner:
         machine = self.machine
         try:
             async for raw in _raw_messages(conn):
+                received = loop.time()
                 try:
                     message = dm.decode(raw)
                 except dm.UnknownMessage as exc:
@@ -291,8 +317,12 @@ class SessionRunner:
                 for action in machine.message(message, loop.time()):
                     if isinstance(action, sm.CommitFinal):
                         await self._commit(action)
+                        METRICS.transcript_latency.labels("final").observe(loop.time() - received)
                     else:
                         await self._perform_redis(action)
+                        if isinstance(action, sm.Publish):
+                            kind = str(action.event.get("type", "other"))
+                            METRICS.transcript_latency.labels(kind).observe(loop.time() - received)
         finally:
             self.inbox.wake()
 
