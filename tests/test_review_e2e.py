@@ -16,6 +16,7 @@ from producer.audio import marker_frame
 from tests.harness import assert_perfect, bounded, check_marker_session, rig, session_events, wait_until_ended
 from worker.audio_reader import AudioReader, Entry, Inbox
 from worker.redis_server import RedisServer
+from worker.store import SessionStore
 
 KEYS = p.Keys()
 
@@ -144,3 +145,32 @@ async def test_a_reused_sid_is_reported_while_its_session_runs_on_this_worker() 
         finally:
             await r.redis.xadd(sk.audio, p.end_fields(30))
             await wait_until_ended(r.redis, KEYS, ["live-reuse"], 20)
+
+
+# ------------------------------------------------------------------------- fencing
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "bug: lua.ACQUIRE numbers epochs with HINCRBY on the state hash, so a state hash that "
+        "vanished (evicted: the case docs/protocol.md 'When Redis loses a session' says a takeover "
+        "recovers from) restarts at epoch 1, the epoch the first owner held: a first owner that was "
+        "frozen meanwhile passes every fenced script again, next to the new owner. A fencing token "
+        "that never repeats needs a counter outside the state hash (e.g. NS:{pN}:epochs, HINCRBY "
+        "per sid, or INCR of a partition-wide key)"
+    ),
+)
+async def test_an_epoch_is_never_handed_out_twice_even_after_the_state_vanished(
+    redis_client: aioredis.Redis,
+) -> None:
+    store = SessionStore(redis_client, KEYS, results_maxlen=1000, retention=60)
+    sk = KEYS.session("evicted")
+    await store.ensure_group(KEYS.sessions(0))
+    entry_id = await redis_client.xadd(KEYS.sessions(0), p.SessionStart("evicted").to_fields())
+    await redis_client.xreadgroup(p.WORKERS_GROUP, "w1", {KEYS.sessions(0): ">"}, count=1)
+    first = await store.acquire(sk, "w1", 10, entry_id)
+    await redis_client.delete(sk.state)  # evicted while w1 is frozen
+    second = await store.acquire(sk, "w2", 10, entry_id)  # the takeover after the lease ran out
+    assert second.epoch != first.epoch, f"both owners hold epoch {first.epoch}"
