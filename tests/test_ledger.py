@@ -20,6 +20,7 @@ def send(ledger: FrameLedger, seqs: range) -> None:
         admission, _ = ledger.admit(seq)
         assert admission is Admission.SEND
         ledger.record_sent(seq, eid(seq))
+        ledger.mark_written(seq)
 
 
 def test_stream_ids_compare_numerically() -> None:
@@ -90,6 +91,7 @@ def test_gap_is_reported_with_its_size() -> None:
     for seq in range(3, 7):
         ledger.record_sent(seq, None)  # silence in place of the missing frames
     ledger.record_sent(7, eid(7))
+    ledger.mark_written(7)
     commit = ledger.coverage(0.0, 0.16)
     assert commit is not None and commit.seq_to == 7
     assert commit.last_entry_id == eid(7)
@@ -112,6 +114,7 @@ def test_frames_are_committed_exactly_once_under_random_reconnects() -> None:
         sent_here = 0
         while ledger.next_seq < total and rng.random() > 0.02:
             ledger.record_sent(ledger.next_seq, eid(ledger.next_seq))
+            ledger.mark_written(ledger.next_seq - 1)
             sent_here += 1
             if sent_here % 25 == 0 or ledger.next_seq == total:
                 commit = ledger.coverage(0.0, sent_here * 0.02)
@@ -152,3 +155,14 @@ def test_backoff_grows_bounded_with_jitter() -> None:
     assert all(d <= 1.0 for d in delays) and max(delays) >= 0.5
     backoff.reset()
     assert backoff.next_delay() <= 0.1
+
+
+def test_a_final_covers_only_frames_written_to_the_connection() -> None:
+    ledger = FrameLedger()
+    for seq in range(50):
+        ledger.record_sent(seq, eid(seq))  # queued: the runner has not written them yet
+    ledger.mark_written(19)
+    commit = ledger.coverage(start=0.0, duration=1.0)  # claims all 50 frames
+    assert commit is not None and commit.seq_to == 19
+    ledger.mark_written(1000)  # never past what was recorded
+    assert ledger.written_seq == 49

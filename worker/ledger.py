@@ -48,6 +48,10 @@ class FrameLedger:
     committed_seq: int = -1
     committed_id: bytes = b"0-0"
     next_seq: int = 0
+    # The last frame really written to the connection (the runner reports each Send it performed):
+    # a final can only cover frames Deepgram got, however long the server says it is. Frames
+    # queued behind a pacing delay are not covered; a drop then replays them.
+    written_seq: int = -1
     connection_base_seq: int = 0
     # (seq, entry id or None for silence we filled in) of frames sent but not yet covered by a final.
     unacked: deque[tuple[int, bytes | None]] = field(default_factory=deque)
@@ -74,9 +78,14 @@ class FrameLedger:
         self.unacked.append((seq, entry_id))
         self.next_seq = seq + 1
 
+    def mark_written(self, seq: int) -> None:
+        """Frames up to `seq` are on the wire."""
+        self.written_seq = max(self.written_seq, min(seq, self.next_seq - 1))
+
     def rewind(self) -> None:
         """Start over from the first uncommitted frame (new connection, or a new owner)."""
         self.next_seq = self.committed_seq + 1
+        self.written_seq = self.committed_seq
         self.unacked.clear()
         self.connection_base_seq = self.next_seq
 
@@ -93,7 +102,7 @@ class FrameLedger:
         final). Only frames actually sent can be covered, whatever the server claims.
         """
         frames_covered = round((start + duration) / self.frame_seconds)
-        last = min(self.connection_base_seq + frames_covered - 1, self.next_seq - 1)
+        last = min(self.connection_base_seq + frames_covered - 1, self.written_seq)
         if last <= self.committed_seq:
             return None
         last_id: bytes | None = None

@@ -171,6 +171,7 @@ class Send:
     payload: bytes
     frames: int
     not_before: float
+    last_seq: int  # report it with `written` once the message is on the wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +396,11 @@ class SessionMachine:
                 actions.append(ReadAudio(self.last_read_id, count))
         return actions
 
+    def written(self, last_seq: int) -> None:
+        """A Send was performed: its frames (up to `last_seq`) are on the wire, and a final may
+        now cover them."""
+        self.ledger.mark_written(last_seq)
+
     def live_wait(self, now: float) -> float:
         """Seconds to let live frames accumulate before taking them (the send interval: fewer,
         larger messages for that much latency). 0 = take them now."""
@@ -451,6 +457,8 @@ class SessionMachine:
             record(self.ledger.next_seq, entry_id)
         self.last_read_id = entries[-1][0]
         self.last_input_at = now
+        # Written at once: the send that follows writes to the transport before its first await.
+        self.ledger.mark_written(self.ledger.next_seq - 1)
         self.pacer.sent(seconds)
         self.clock.audio_sent(now)
         return frames[0] if len(frames) == 1 else b"".join(frames)
@@ -531,13 +539,15 @@ class SessionMachine:
             return
         step = self.rules.max_frames_per_message
         frame_s = self.rules.frame_seconds
+        last_seq = self.ledger.next_seq - len(frames) - 1  # the frames were just recorded as sent
         for i in range(0, len(frames), step):
             chunk = frames[i : i + step]
             seconds = len(chunk) * frame_s
             delay = self.pacer.delay(seconds, now)
             self.pacer.sent(seconds)
             payload = chunk[0] if len(chunk) == 1 else b"".join(chunk)
-            actions.append(Send(payload, len(chunk), now + delay))
+            last_seq += len(chunk)
+            actions.append(Send(payload, len(chunk), now + delay, last_seq))
         self.clock.audio_sent(now)
 
     def _fill_gap(self, missing: int, before_seq: int, now: float, actions: list[Action]) -> None:

@@ -260,6 +260,7 @@ class SessionRunner:
         if delay > 0:
             await asyncio.sleep(delay)
         await conn.send_media(action.payload)
+        self.machine.written(action.last_seq)
         METRICS.frames_sent.inc(action.frames)
         unacked = self.machine.ledger.unacked
         lag = entry_age(unacked[-1][1], time.time()) if unacked else None
