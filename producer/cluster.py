@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.exceptions import AskError, ClusterDownError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
 CLUSTER_ENV = "VOXQUEUE_REDIS_CLUSTER"
@@ -48,12 +49,46 @@ def split_url(url: str, cluster: bool | None = None) -> tuple[bool, str]:
     return cluster, url
 
 
+class _ClosedUnderneath:
+    """redis-py 8.1's cluster client disconnects a node's idle connections after a connection
+    error on that node (a failover) while another task may just have taken one of them: that task
+    then fails with AttributeError (`None.writelines`) instead of a connection error, which
+    neither redis-py's retry nor our loops treat as an outage. Say what it is: ConnectionError."""
+
+    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().send_packed_command(*args, **kwargs)  # type: ignore[misc]
+        except AttributeError as exc:
+            raise RedisConnectionError("connection closed by a concurrent cluster refresh") from exc
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except AttributeError as exc:
+            raise RedisConnectionError("connection closed by a concurrent cluster refresh") from exc
+
+
+class _ClusterConnection(_ClosedUnderneath, Connection):
+    pass
+
+
+class _ClusterSSLConnection(_ClosedUnderneath, SSLConnection):
+    pass
+
+
 def cluster_client(url: str, **kwargs: Any) -> aioredis.Redis:
     """An asyncio RedisCluster for a plain redis:// or rediss:// URL naming one node.
 
     Typed as `Redis`: it offers the same commands the code uses; the few places that need a
     connection of their own (hand-packed pipelines, pub/sub) check `is_cluster` first."""
     client = RedisCluster.from_url(url, **kwargs)
+    manager = client.nodes_manager
+    # RedisCluster takes no connection_class: set ours where nodes are made from.
+    tls = manager.connection_kwargs.get("connection_class") is SSLConnection
+    safe = _ClusterSSLConnection if tls else _ClusterConnection
+    manager.connection_kwargs["connection_class"] = safe
+    for node in manager.startup_nodes.values():
+        node.connection_class = safe
     return client  # type: ignore[return-value]
 
 

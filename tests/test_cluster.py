@@ -69,9 +69,9 @@ async def test_a_read_across_two_partitions_is_refused_on_a_cluster(redis_cluste
     plain = aioredis.Redis(port=node.port)
     client = connect(redis_cluster.url)
     try:
-        with pytest.raises(ResponseError, match="(?i)same slot|CROSSSLOT"):
+        with pytest.raises(ResponseError, match=r"(?i)same slot|CROSSSLOT"):
             await plain.xread({keys.sessions(0): "0", keys.sessions(1): "0"})
-        with pytest.raises((ResponseError, RedisClusterException), match="(?i)same slot|CROSSSLOT"):
+        with pytest.raises((ResponseError, RedisClusterException), match=r"(?i)same slot|CROSSSLOT"):
             await client.xread({keys.sessions(0): "0", keys.sessions(1): "0"})
     finally:
         await plain.aclose()

@@ -282,6 +282,29 @@ class RedisCluster:
             time.sleep(0.05)
         raise RedisServerError(f"cluster not ready within {timeout} s: {problem}")
 
+    def wait_failover(self, dead: RedisServer, timeout: float = 30.0) -> None:
+        """After `dead` (a master) was killed: until every live node has marked it failed, a
+        replica serves its slots (no slot left to it) and the cluster is ok again."""
+        deadline = time.monotonic() + timeout
+        name = f"127.0.0.1:{dead.port}@"
+        while time.monotonic() < deadline:
+            settled = True
+            for node in self.live_nodes():
+                try:
+                    table = _command(node.port, "CLUSTER", "NODES").decode().splitlines()
+                except OSError:
+                    settled = False
+                    break
+                line = next((x for x in table if name in x), "")
+                fields = line.split()
+                if not fields or "fail" not in fields[2] or len(fields) > 8:  # still owns slots
+                    settled = False
+                    break
+            if settled and not self._not_ready(replicas=False):
+                return
+            time.sleep(0.05)
+        raise RedisServerError(f"no replica took over from {dead.port} within {timeout} s")
+
     def _not_ready(self, replicas: bool) -> str:
         for node in self.live_nodes():
             try:
