@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import time
@@ -215,3 +216,47 @@ async def test_master_failover_mid_stream_every_session_finishes(
             )
         finally:
             await redis.aclose()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat, fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_idle_cost_and_claim_latency_on_a_three_shard_cluster(
+    tmp_path: Path, redis_cluster: RedisCluster
+) -> None:
+    """The hot paths' cost must not grow with P: one idle worker on 3 shards with P = 16 (its CPU
+    over 10 s with no session), then the delay from a session's entry being stored to a worker
+    claiming it, over 96 sessions in every partition. Prints the figures (README "Scaling past one
+    Redis"); asserts only that every session was claimed, no timing."""
+    with cluster_stack(tmp_path, redis_cluster) as stack:
+        worker = stack.start_worker("idle")
+        await stack.wait_claiming(1)
+        await asyncio.sleep(2.0)  # past start-up work (first autoclaim and trim passes)
+        before, started = cpu_seconds(worker.pid), time.monotonic()
+        await asyncio.sleep(10.0)
+        idle = (cpu_seconds(worker.pid) - before) / (time.monotonic() - started)
+        delays: list[float] = []
+        redis = stack.client()
+        try:
+            async with Producer(redis_cluster.url, partitions=PARTITIONS) as producer:
+                for i in range(96):
+                    sent = time.time()  # before the entry is stored: an upper bound on the delay
+                    session = await producer.open_session(sid=f"lat-{i}")
+                    state = stack.keys.session(session.sid).state
+                    deadline = time.monotonic() + 10
+                    while not (claimed := await redis.hget(state, "claimed_at")):
+                        assert time.monotonic() < deadline, f"lat-{i} not claimed within 10 s"
+                        await asyncio.sleep(0.001)
+                    delays.append(max(0.0, int(claimed) / 1000 - sent))
+                    await session.end()
+        finally:
+            await redis.aclose()
+    delays.sort()
+    p50, p99 = delays[len(delays) // 2], delays[int(len(delays) * 0.99) - 1]
+    print(
+        f"CLUSTER idle worker (3 shards, P={PARTITIONS}): cpu={idle * 100:.2f}% of a core; "
+        f"claim delay p50={p50 * 1000:.1f} ms p99={p99 * 1000:.1f} ms max={delays[-1] * 1000:.1f} ms"
+    )
