@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import queue
 import signal
 import subprocess
+import sys
+import threading
 import time
+import wave
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +27,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from producer import protocol as p
+from producer.audio import marker_frame
 from producer.client import Producer, connect
 from tests.harness import (
     VOXQUEUE,
@@ -30,11 +36,12 @@ from tests.harness import (
     assert_perfect,
     check_marker_session,
     produce_marker_session,
+    reap,
     session_events,
     sessions_pending,
     wait_until_ended,
 )
-from worker.redis_server import RedisCluster, free_port
+from worker.redis_server import RedisCluster, child_env, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -260,3 +267,74 @@ async def test_idle_cost_and_claim_latency_on_a_three_shard_cluster(
         f"CLUSTER idle worker (3 shards, P={PARTITIONS}): cpu={idle * 100:.2f}% of a core; "
         f"claim delay p50={p50 * 1000:.1f} ms p99={p99 * 1000:.1f} ms max={delays[-1] * 1000:.1f} ms"
     )
+
+
+def cli(args: list[str], url: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        env=child_env(VOXQUEUE_REDIS_URL=url, VOXQUEUE_PARTITIONS=str(PARTITIONS)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+async def test_cli_produce_tail_status_sessions_on_a_cluster(
+    tmp_path: Path, redis_cluster: RedisCluster
+) -> None:
+    """The commands a user runs, with a redis+cluster:// URL: `produce --follow`, `tail` of every
+    partition (one XREAD per slot), `status` and `sessions` (every partition's keys)."""
+    pcm = b"".join(marker_frame(n) for n in range(20))
+    with wave.open(str(tmp_path / "a.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm)
+    with cluster_stack(tmp_path, redis_cluster) as stack:
+        stack.start_worker("cli")
+        await stack.wait_claiming(1)
+        tail = subprocess.Popen(  # noqa: ASYNC220 (starting it is quick; it runs on its own)
+            [sys.executable, "-m", "producer.cli", "tail", "--json"],
+            env=child_env(VOXQUEUE_REDIS_URL=redis_cluster.url, VOXQUEUE_PARTITIONS=str(PARTITIONS)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            # Tail has resolved its "$" cursors by then (not a sync: a late tail misses events).
+            await asyncio.sleep(1.0)
+            produced = await asyncio.to_thread(
+                cli,
+                ["producer.cli", "produce", str(tmp_path / "a.wav"), "--speed", "0", "--follow", "--json"],
+                redis_cluster.url,
+            )
+            assert produced.returncode == 0, produced.stderr
+            sid, *lines = produced.stdout.splitlines()
+            events = [json.loads(line) for line in lines]
+            words = [w["word"] for e in events if e["type"] == p.FINAL for w in e["words"]]
+            assert words == [f"f{n}" for n in range(20)]
+            assert events[-1]["type"] == p.SESSION_ENDED
+            assert tail.stdout is not None
+            lines_out: queue.Queue[str] = queue.Queue()
+            stdout = tail.stdout
+            threading.Thread(target=lambda: [lines_out.put(x) for x in stdout], daemon=True).start()
+            seen: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 20
+            while not any(e["type"] == p.SESSION_ENDED and e["sid"] == sid for e in seen):
+                assert time.monotonic() < deadline, f"tail saw {len(seen)} events, no session_ended"
+                with contextlib.suppress(queue.Empty):
+                    seen.append(json.loads(await asyncio.to_thread(lines_out.get, True, 0.5)))
+            assert [e["id"] for e in seen if e["sid"] == sid] == [e["id"] for e in events]
+        finally:
+            tail.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                tail.communicate(timeout=10)
+            reap(tail)
+        status = await asyncio.to_thread(cli, ["worker.cli", "status", "--json"], redis_cluster.url)
+        assert status.returncode == 0, status.stderr
+        assert any('"cli"' in line for line in status.stdout.splitlines()), status.stdout
+        sessions = await asyncio.to_thread(cli, ["worker.cli", "sessions", "--json"], redis_cluster.url)
+        assert sessions.returncode == 0, sessions.stderr
+        assert sid in sessions.stdout
