@@ -16,10 +16,12 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.connection import SSLConnection
 from redis.exceptions import RedisClusterException, ResponseError
 
 from producer import protocol as p
 from producer.client import Producer, connect
+from producer.cluster import CLUSTER_ENV, is_cluster, split_url
 from tests.harness import (
     CLOSE_SECONDS,
     assert_perfect,
@@ -79,11 +81,14 @@ async def test_a_read_across_two_partitions_is_refused_on_a_cluster(redis_cluste
 
 
 @contextlib.asynccontextmanager
-async def cluster_rig(cluster: RedisCluster, **settings: Any) -> AsyncIterator[tuple[WorkerPool, Producer]]:
+async def cluster_rig(
+    cluster: RedisCluster, url: str = "", **settings: Any
+) -> AsyncIterator[tuple[WorkerPool, Producer]]:
     """A worker pool in this process on the cluster, with the marker emulator, and a producer."""
+    url = url or cluster.url
     async with EmulatorServer(engine="marker", port=0, silence_timeout=3.0) as emulator:
         config = load_settings(
-            redis_url=cluster.url,
+            redis_url=url,
             deepgram_url=emulator.url,
             catchup_speed=0,
             log_format="json",
@@ -92,7 +97,7 @@ async def cluster_rig(cluster: RedisCluster, **settings: Any) -> AsyncIterator[t
         )
         pool = WorkerPool(config)
         task = asyncio.create_task(pool.run(), name="cluster-worker")
-        producer = Producer(cluster.url, partitions=PARTITIONS)
+        producer = Producer(url, partitions=PARTITIONS)
         try:
             yield pool, producer
         finally:
@@ -160,3 +165,56 @@ async def test_a_new_session_is_claimed_promptly_in_every_partition(redis_cluste
         f"CLUSTER claim delay over {len(delays)} partitions: median={delays[len(delays) // 2] * 1000:.1f} ms "
         f"max={delays[-1] * 1000:.1f} ms"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "env", "cluster", "plain"),
+    [
+        ("redis+cluster://h:7000", "", True, "redis://h:7000"),
+        ("rediss+cluster://u:pw@h:7000/0", "", True, "rediss://u:pw@h:7000/0"),
+        ("redis://h:7000", "1", True, "redis://h:7000"),
+        ("redis://h:7000", "", False, "redis://h:7000"),
+        ("redis://h:7000", "0", False, "redis://h:7000"),
+    ],
+)
+def test_cluster_mode_comes_from_the_scheme_or_the_setting(
+    monkeypatch: pytest.MonkeyPatch, url: str, env: str, cluster: bool, plain: str
+) -> None:
+    if env:
+        monkeypatch.setenv(CLUSTER_ENV, env)
+    assert split_url(url) == (cluster, plain)
+    settings = load_settings(redis_url=url, deepgram_url="ws://127.0.0.1:1")
+    assert settings.cluster is cluster
+    assert is_cluster(connect(url)) is cluster
+
+
+def test_a_cluster_url_keeps_user_password_and_tls() -> None:
+    client = connect("rediss+cluster://app:s3cret@127.0.0.1:7000")
+    kwargs = client.nodes_manager.connection_kwargs  # type: ignore[attr-defined]
+    assert (kwargs["username"], kwargs["password"]) == ("app", "s3cret")
+    assert issubclass(kwargs["connection_class"], SSLConnection)
+
+
+async def test_an_acl_user_runs_sessions_on_a_cluster(redis_cluster: RedisCluster) -> None:
+    """The worker and the producer authenticate as an ACL user on every node (the URL's user and
+    password), with the cluster client's own connections and the hand-packed hot paths' ones."""
+    for node in redis_cluster.nodes:
+        plain = aioredis.Redis(port=node.port)
+        try:
+            await plain.execute_command("ACL", "SETUSER", "vq", "on", ">pw-1", "~*", "&*", "+@all")
+            await plain.execute_command("ACL", "SETUSER", "default", "off")
+        finally:
+            await plain.aclose()
+    port = redis_cluster.ports[0]
+    keys = p.Keys(partitions=PARTITIONS)
+    sessions = {sid: 30 for sid in sids_per_partition("acl", 1)}
+    url = f"redis+cluster://vq:pw-1@127.0.0.1:{port}"
+    async with cluster_rig(redis_cluster, url) as (_, producer):
+        await asyncio.gather(*(produce_marker_session(producer, sid, n) for sid, n in sessions.items()))
+        redis = connect(url)
+        try:
+            await wait_until_ended(redis, keys, list(sessions), timeout=60)
+            for sid, frames in sessions.items():
+                assert_perfect(await check_marker_session(redis, keys, sid, frames), frames)
+        finally:
+            await redis.aclose()
