@@ -235,7 +235,7 @@ async def test_idle_cost_and_claim_latency_on_a_three_shard_cluster(
     tmp_path: Path, redis_cluster: RedisCluster
 ) -> None:
     """The hot paths' cost must not grow with P: one idle worker on 3 shards with P = 16 (its CPU
-    over 10 s with no session), then the delay from a session's entry being stored to a worker
+    over 5 s with no session), then the delay from a session being opened to a worker
     claiming it, over 96 sessions in every partition. Prints the figures (README "Scaling past one
     Redis"); asserts only that every session was claimed, no timing."""
     with cluster_stack(tmp_path, redis_cluster) as stack:
@@ -243,7 +243,7 @@ async def test_idle_cost_and_claim_latency_on_a_three_shard_cluster(
         await stack.wait_claiming(1)
         await asyncio.sleep(2.0)  # past start-up work (first autoclaim and trim passes)
         before, started = cpu_seconds(worker.pid), time.monotonic()
-        await asyncio.sleep(10.0)
+        await asyncio.sleep(5.0)
         idle = (cpu_seconds(worker.pid) - before) / (time.monotonic() - started)
         delays: list[float] = []
         redis = stack.client()
