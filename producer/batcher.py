@@ -26,15 +26,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisClusterException, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.aio import cancel_and_wait, raise_if_cancelling
+from producer.cluster import (
+    REDIRECTS,
+    ClusterNode,
+    group_by_node,
+    is_cluster,
+    private_connection,
+    ready,
+    refresh,
+)
 from producer.resp import bulk, pack_xadd
 
 # Plain stdlib logging, not structlog: this is a library embedded in other people's backends, and
@@ -148,6 +157,7 @@ class Batcher:
         self._closed = False
         self._failures = 0
         self._last_flush = float("-inf")
+        self._node_conns: dict[str, Any] = {}  # Redis Cluster: node name -> our own connection
 
     @property
     def pending_frames(self) -> int:
@@ -191,6 +201,9 @@ class Batcher:
             self._closed = True
             if self._task is not None:
                 await cancel_and_wait(self._task)
+            conns, self._node_conns = list(self._node_conns.values()), {}
+            for conn in conns:
+                await conn.disconnect()
             lost = self._pending.frames
             if self._pending.done is not None and not self._pending.done.done():
                 self._pending.done.set_exception(ProducerError(f"producer closed with {lost} frames unsent"))
@@ -240,7 +253,9 @@ class Batcher:
                 sent += len(chunk)
         except _CONNECTION_ERRORS as exc:
             self.stats.errors += 1
-            rest = commands[sent:]
+            # A cluster flush that failed on some nodes only: their commands, then the unsent ones
+            # (the other nodes' commands of that chunk are stored).
+            rest = exc.commands + commands[sent + exc.sent :] if isinstance(exc, _Unsent) else commands[sent:]
             # Back to the front: newer commands of the same sessions must stay behind these.
             self._pending.commands[:0] = rest
             self._pending.frames += sum(c.frames for c in rest)
@@ -276,24 +291,71 @@ class Batcher:
         contexts and callbacks, more than everything else the producer does per frame; an XADD of
         a frame has a fixed shape, so it is packed straight into RESP here (see pack_xadd).
         """
-        payload = b"".join([c.packed or pack_xadd(c.key, c.fields) for c in commands])
+        if is_cluster(self.redis):
+            await self._send_cluster(commands)
+            return
         pool = self.redis.connection_pool
         conn = await pool.get_connection()
-        replies: list[object] = []
         try:
-            await conn.send_packed_command(payload, check_health=False)
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response(disable_decoding=True))
-                except ResponseError as exc:  # this command only: the rest of the replies follow
-                    replies.append(exc)
-        except BaseException:
-            # A connection that may hold unread replies must never be reused.
-            await conn.disconnect()
-            raise
+            replies = await _pipeline(conn, commands)
         finally:
             await pool.release(conn)
         self.stats.flushes += 1
+        self._account(commands, replies)
+
+    async def _send_cluster(self, commands: list[Command]) -> None:
+        """Redis Cluster: one hand-packed pipeline per node, all nodes at once, each with the
+        commands whose keys that node serves, in submission order (a partition is one slot, so
+        a session's entry and frames all go to one node, in order). Commands that a node
+        redirected (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) or that went to an unreachable node are
+        sent again after a slot-map refresh, a few times; then `_Unsent` re-queues them."""
+        todo = commands
+        failure: BaseException | None = None
+        for attempt in range(CLUSTER_ATTEMPTS):
+            try:
+                cluster = await ready(self.redis)
+                by_node = group_by_node(cluster, todo, lambda c: c.key)
+            except (RedisClusterException, *_CONNECTION_ERRORS) as exc:  # no slot map (yet)
+                failure = exc
+                await asyncio.sleep(0.05 * (attempt + 1))
+                continue
+            results = await asyncio.gather(
+                *(self._send_node(node, cmds) for node, cmds in by_node.items()), return_exceptions=True
+            )
+            retry: list[Command] = []
+            for cmds, result in zip(by_node.values(), results, strict=True):
+                if isinstance(result, BaseException):
+                    if not isinstance(result, _CONNECTION_ERRORS):
+                        raise result
+                    failure = result
+                    retry += cmds
+                else:
+                    retry += result
+            if not retry:
+                return
+            # Back in submission order: a retried command must not overtake an older one.
+            position = {id(c): i for i, c in enumerate(todo)}
+            todo = sorted(retry, key=lambda c: position[id(c)])
+            await refresh(cluster)
+            if attempt + 1 < CLUSTER_ATTEMPTS:
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise _Unsent(todo, len(commands), failure)
+
+    async def _send_node(self, node: ClusterNode, commands: list[Command]) -> list[Command]:
+        """One pipeline to one cluster node; returns the commands it redirected."""
+        conn = self._node_conns.pop(node.name, None) or private_connection(node)
+        replies = await _pipeline(conn, commands)  # disconnects it on any failure
+        self._node_conns[node.name] = conn
+        self.stats.flushes += 1
+        redirected = [c for c, r in zip(commands, replies, strict=True) if isinstance(r, REDIRECTS)]
+        if redirected:
+            done = [(c, r) for c, r in zip(commands, replies, strict=True) if not isinstance(r, REDIRECTS)]
+            self._account([c for c, _ in done], [r for _, r in done])
+        else:
+            self._account(commands, replies)
+        return redirected
+
+    def _account(self, commands: list[Command], replies: list[object]) -> None:
         self.stats.max_batch = max(self.stats.max_batch, len(commands))
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, Exception):
@@ -319,6 +381,38 @@ class Batcher:
     def _fail(batch: _Flush, exc: BaseException) -> None:
         if batch.done is not None and not batch.done.done():
             batch.done.set_exception(exc)
+
+
+CLUSTER_ATTEMPTS = 4  # sends of a cluster flush's redirected commands before re-queueing them
+
+
+class _Unsent(RedisConnectionError):
+    """Part of a cluster flush could not be stored (nodes unreachable or slots moving): these
+    commands, in order, go back to the front of the queue; `sent` commands of the chunk were
+    handled (stored, or refused for their session)."""
+
+    def __init__(self, commands: list[Command], sent: int, cause: BaseException | None) -> None:
+        super().__init__(f"{len(commands)} commands not stored yet: {cause or 'slots moving'}")
+        self.commands = commands
+        self.sent = sent
+
+
+async def _pipeline(conn: Any, commands: list[Command]) -> list[object]:
+    """One write with every command, then their replies in order (a refused command's reply is its
+    exception). A connection that may hold unread replies is disconnected, never reused."""
+    payload = b"".join([c.packed or pack_xadd(c.key, c.fields) for c in commands])
+    replies: list[object] = []
+    try:
+        await conn.send_packed_command(payload, check_health=False)
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response(disable_decoding=True))
+            except ResponseError as exc:  # this command only: the rest of the replies follow
+                replies.append(exc)
+    except BaseException:
+        await conn.disconnect()
+        raise
+    return replies
 
 
 def _shared_future() -> asyncio.Future[None]:

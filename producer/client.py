@@ -68,6 +68,7 @@ from producer.batcher import (
     expire_command,
     wait,
 )
+from producer.cluster import cluster_client, split_url
 from producer.options import validate_options
 from producer.protocol import (
     DEFAULT_NAMESPACE,
@@ -120,16 +121,23 @@ class DeploymentMismatch(ProducerError, WireDeploymentMismatch):
     partitions no worker reads, or in the wrong one."""
 
 
-def connect(url: str, *, retries: int = 3, **kwargs: Any) -> aioredis.Redis:
+def connect(url: str, *, retries: int = 3, cluster: bool | None = None, **kwargs: Any) -> aioredis.Redis:
     """A client for `url` that retries connection loss with bounded exponential backoff
     (0.1, 0.2, 0.4 s by default, capped at 1 s). Extra keyword arguments go to `Redis.from_url`.
+
+    A Redis Cluster client (redis-py's asyncio `RedisCluster`) for `redis+cluster://` or
+    `rediss+cluster://` URLs, or with `cluster=True`, or when `cluster` is None and
+    VOXQUEUE_REDIS_CLUSTER=1 (producer.cluster).
 
     The retries are short on purpose: they bridge a dropped connection, not an outage. Queued
     frames outlive an outage anyway, because the batcher keeps retrying them itself.
     """
+    use_cluster, url = split_url(url, cluster)
     kwargs.setdefault("retry", Retry(ExponentialBackoff(cap=1.0, base=0.05), retries))
-    kwargs.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
     kwargs.setdefault("socket_connect_timeout", 5)
+    if use_cluster:
+        return cluster_client(url, **kwargs)
+    kwargs.setdefault("retry_on_error", [RedisConnectionError, RedisTimeoutError])
     return aioredis.Redis.from_url(url, **kwargs)
 
 

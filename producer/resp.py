@@ -20,12 +20,28 @@ def pack_xadd(key: str, fields: dict[str, bytes | str]) -> bytes:
     return b"".join(parts)
 
 
-def pack_xread(count: int, block_ms: int, packed_keys: bytes, key_count: int, ids: list[bytes]) -> bytes:
+def pack_xread(
+    count: int, block_ms: int | None, packed_keys: bytes, key_count: int, ids: list[bytes]
+) -> bytes:
     """`XREAD COUNT c BLOCK ms STREAMS key... id...`, with the keys already packed (they change far
-    less often than the ids, so callers keep `packed_keys = b"".join(map(bulk, keys))`)."""
-    head = b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%s$5\r\nBLOCK\r\n%s$7\r\nSTREAMS\r\n" % (
-        6 + 2 * key_count,
-        bulk(b"%d" % count),
-        bulk(b"%d" % block_ms),
-    )
+    less often than the ids, so callers keep `packed_keys = b"".join(map(bulk, keys))`).
+    `block_ms` None: no BLOCK (a read that answers at once, for a pipeline of several)."""
+    if block_ms is None:
+        head = b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%s$7\r\nSTREAMS\r\n" % (
+            4 + 2 * key_count,
+            bulk(b"%d" % count),
+        )
+    else:
+        head = b"*%d\r\n$5\r\nXREAD\r\n$5\r\nCOUNT\r\n%s$5\r\nBLOCK\r\n%s$7\r\nSTREAMS\r\n" % (
+            6 + 2 * key_count,
+            bulk(b"%d" % count),
+            bulk(b"%d" % block_ms),
+        )
     return head + packed_keys + b"".join([bulk(i) for i in ids])
+
+
+def pack_xreadgroup(group: str, consumer: str, count: int, block_ms: int, key: str) -> bytes:
+    """`XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS key >`: one stream's new entries."""
+    parts = [b"XREADGROUP", b"GROUP", group.encode(), consumer.encode(), b"COUNT", b"%d" % count]
+    parts += [b"BLOCK", b"%d" % block_ms, b"STREAMS", key.encode(), b">"]
+    return b"*%d\r\n" % len(parts) + b"".join([bulk(x) for x in parts])

@@ -7,6 +7,7 @@ consumers that need at-least-once processing use their own consumer group on `vq
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 
 from producer.aio import raise_if_cancelling
 from producer.batcher import ProducerError
+from producer.cluster import is_cluster
 from producer.protocol import SESSION_ENDED, Keys, ProtocolError, decode_event
 
 # Plain stdlib logging, not structlog: this is a library embedded in other people's backends, and
@@ -49,7 +51,8 @@ class SessionUnclaimed(ProducerError):
 
 def unclaimed_message(redis: aioredis.Redis, keys: Keys, sid: str, waited: float) -> str:
     """What a user should check when no worker has claimed a session (no secrets: no URL)."""
-    db = redis.connection_pool.connection_kwargs.get("db", 0)
+    pool = getattr(redis, "connection_pool", None)  # a cluster client has none, and only db 0
+    db = pool.connection_kwargs.get("db", 0) if pool is not None else 0
     return (
         f"no worker has claimed session {sid} after {waited:.0f} s (no state hash "
         f"{keys.session(sid).state}). Check that a worker is running and uses the same Redis "
@@ -203,7 +206,7 @@ async def read_events(
     while True:
         if on_idle is not None and not reply:
             await on_idle()
-        reply = await redis.xread(cursors, count=count, block=block_ms)  # type: ignore[arg-type]
+        reply = await _xread(redis, cursors, count, block_ms)
         raise_if_cancelling()  # see producer.aio: redis-py on 3.11 can swallow a cancellation
         for raw_stream, entries in reply or []:
             stream = raw_stream.decode() if isinstance(raw_stream, bytes) else raw_stream
@@ -215,6 +218,28 @@ async def read_events(
                     log.warning("skipping bad results entry %s %s: %s", stream, cursors[stream], exc)
                     continue
                 yield stream, event
+
+
+CLUSTER_POLL_SECONDS = 0.1  # a reader of several partitions on a cluster: pause after an empty pass
+
+
+async def _xread(redis: aioredis.Redis, cursors: dict[str, str], count: int, block_ms: int) -> Any:
+    """One XREAD over `cursors`; on Redis Cluster, where one XREAD cannot span slots (partitions),
+    one per slot, all at once and not blocking, with a short pause when none found anything."""
+    if not is_cluster(redis) or len(cursors) == 1:
+        return await redis.xread(cursors, count=count, block=block_ms)  # type: ignore[arg-type]
+    by_slot: dict[int, dict[str, str]] = {}
+    for stream, cursor in cursors.items():
+        by_slot.setdefault(redis.keyslot(stream), {})[stream] = cursor  # type: ignore[attr-defined]
+    if len(by_slot) == 1:
+        return await redis.xread(cursors, count=count, block=block_ms)  # type: ignore[arg-type]
+    replies = await asyncio.gather(*(redis.xread(group, count=count) for group in by_slot.values()))  # type: ignore[arg-type]
+    merged = [
+        item for reply in replies for item in (reply.items() if isinstance(reply, dict) else reply or [])
+    ]
+    if not merged:
+        await asyncio.sleep(min(CLUSTER_POLL_SECONDS, block_ms / 1000))
+    return merged
 
 
 async def _resolve(redis: aioredis.Redis, stream: str, from_id: str) -> str:

@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.harness import bounded
-from worker.redis_server import RedisServer
+from worker.redis_server import RedisCluster, RedisServer
 
 # Past the test's own timeout; VOXQUEUE_TEST_WATCHDOG_GRACE overrides it (the watchdog's own test).
 WATCHDOG_GRACE_SECONDS = float(os.environ.get("VOXQUEUE_TEST_WATCHDOG_GRACE", "60"))
@@ -108,3 +108,17 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
         yield client
     finally:
         await bounded(client.aclose(), 5, "closing the redis client")
+
+
+@pytest.fixture
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A real 3-master Redis Cluster on free ports below 55536 (bus ports + 10000)."""
+    with RedisCluster(masters=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_replicated() -> Iterator[RedisCluster]:
+    """3 masters with one replica each and a 1 s node timeout: for failover tests."""
+    with RedisCluster(masters=3, replicas=1, node_timeout_ms=1000) as cluster:
+        yield cluster

@@ -14,6 +14,7 @@ already makes ownership exclusive; the audio position belongs to the owner alone
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,6 +22,9 @@ from typing import Any
 import redis.asyncio as aioredis
 import structlog
 
+from producer.cluster import REDIRECTS, ClusterNode, is_cluster, private_connection
+from producer.cluster import ready as cluster_ready
+from producer.cluster import refresh as cluster_refresh
 from producer.resp import bulk, pack_xread
 from worker.backoff import Backoff
 from worker.store import TRANSIENT_REDIS_ERRORS
@@ -29,6 +33,7 @@ log = structlog.get_logger("voxqueue.reader")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 YIELD_EVERY = 16  # inline sends between two yields to the event loop
+CLUSTER_POLL_SECONDS = 0.01  # Redis Cluster, several partitions: pause after a read that found nothing
 
 
 def _entries_by_stream(raw: Any) -> list[tuple[bytes, list[Entry]]]:
@@ -107,6 +112,8 @@ class AudioReader:
         self._conn: Any = None  # the reader's own connection, held for good
         self._packed_for: tuple[bytes, ...] = ()
         self._packed_keys = b""
+        # Redis Cluster: the reader's own connection to each node (node name -> connection).
+        self._node_conns: dict[str, Any] = {}
 
     def follow(self, audio_key: str, inbox: Inbox, after: bytes, inline: InlineSender | None = None) -> None:
         """Deliver entries after `after` from the next read on: to `inline` when it accepts them
@@ -122,6 +129,8 @@ class AudioReader:
         """XREAD packed by hand (producer.resp): redis-py's generic packing and chunked writes of a
         command naming hundreds of streams cost more than reading them. The keys are packed once
         per change of the followed set; only the positions are packed per read."""
+        if is_cluster(self.redis):
+            return await self._xread_cluster(snapshot)
         keys = tuple(snapshot)
         if keys != self._packed_for:
             self._packed_for, self._packed_keys = keys, b"".join([bulk(k) for k in keys])
@@ -142,6 +151,92 @@ class AudioReader:
             await pool.release(conn)
             raise
         return _entries_by_stream(raw)
+
+    async def _xread_cluster(self, snapshot: dict[bytes, _Follower]) -> list[tuple[bytes, list[Entry]]]:
+        """Redis Cluster: one XREAD cannot name streams of several slots, and each partition is a
+        slot. So one XREAD per partition, packed by hand into one pipeline per node, every node
+        at once: a read costs one round trip per node, whatever the number of partitions. With
+        one node and one partition the XREAD blocks as on a single Redis; otherwise none can
+        (a blocked read would hold back the rest of its node's pipeline), so an empty read
+        waits CLUSTER_POLL_SECONDS, or less if the followed set changes, before the next."""
+        cluster = await cluster_ready(self.redis)
+        by_node: dict[ClusterNode, dict[int, list[bytes]]] = {}  # node -> slot -> keys
+        for key in snapshot:
+            slot = cluster.keyslot(key)
+            node = cluster.nodes_manager.get_node_from_slot(slot)
+            by_node.setdefault(node, {}).setdefault(slot, []).append(key)
+        single = len(by_node) == 1 and len(next(iter(by_node.values()))) == 1
+        block = self.block_ms if single else None
+        self._changed.clear()
+        results = await asyncio.gather(
+            *(
+                self._read_node(node, list(by_slot.values()), snapshot, block)
+                for node, by_slot in by_node.items()
+            ),
+            return_exceptions=True,
+        )
+        out: list[tuple[bytes, list[Entry]]] = []
+        failure: BaseException | None = None
+        for result in results:
+            if isinstance(result, BaseException):
+                failure = result
+            else:
+                out += result
+        if failure is not None:
+            await cluster_refresh(cluster)
+            if not out:
+                raise failure
+        if block is None and not any(entries for _, entries in out):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLUSTER_POLL_SECONDS):
+                    await self._changed.wait()
+        return out
+
+    async def _read_node(
+        self,
+        node: ClusterNode,
+        groups: list[list[bytes]],
+        snapshot: dict[bytes, _Follower],
+        block: int | None,
+    ) -> list[tuple[bytes, list[Entry]]]:
+        payload = b"".join(
+            [
+                pack_xread(
+                    self.count,
+                    block,
+                    b"".join([bulk(k) for k in keys]),
+                    len(keys),
+                    [snapshot[k].position for k in keys],
+                )
+                for keys in groups
+            ]
+        )
+        conn = self._node_conns.pop(node.name, None) or private_connection(node)
+        replies: list[Any] = []
+        try:
+            await conn.send_packed_command(payload, check_health=False)
+            for _ in groups:
+                try:
+                    replies.append(await conn.read_response(disable_decoding=True))
+                except REDIRECTS as exc:  # this slot moved (reshard, failover): next read re-routes
+                    replies.append(exc)
+        except BaseException:
+            # Unread replies may be on it: never reuse this connection.
+            await conn.disconnect()
+            raise
+        self._node_conns[node.name] = conn  # kept for this reader alone, as on a single Redis
+        out: list[tuple[bytes, list[Entry]]] = []
+        redirected: BaseException | None = None
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                redirected = reply
+                continue
+            out += _entries_by_stream(reply)
+        if redirected is not None and not out:
+            raise redirected
+        if redirected is not None:
+            await cluster_refresh(self.redis)
+        return out
 
     async def run(self) -> None:
         backoff = Backoff(0.05, 2.0)

@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VOXQUEUE_", extra="ignore", validate_default=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Redis Cluster (README "Scaling past one Redis"): also chosen by a redis+cluster:// URL.
+    redis_cluster: bool = False
     namespace: str = "vq"
     partitions: int = Field(1, ge=1, le=4096)
 
@@ -83,8 +85,12 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str) -> str:
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+        if not value.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        ):
+            raise ValueError(
+                "must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://"
+            )
         # A password redis-py would misread (an unescaped / ? #) sends it to a host made of part
         # of the password, which its errors then print: refuse it here, without quoting it.
         check_url_password(value)
@@ -114,6 +120,11 @@ class Settings(BaseSettings):
         if self.backoff_max < self.backoff_initial:
             raise ValueError("backoff_max must be >= backoff_initial")
         return self
+
+    @property
+    def cluster(self) -> bool:
+        """Redis Cluster mode: a redis+cluster:// URL or VOXQUEUE_REDIS_CLUSTER=1."""
+        return self.redis_cluster or self.redis_url.startswith(("redis+cluster://", "rediss+cluster://"))
 
     @property
     def uses_real_deepgram(self) -> bool:

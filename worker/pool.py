@@ -24,9 +24,13 @@ import structlog
 from redis.exceptions import ResponseError
 
 from producer import protocol as p
+from producer.cluster import is_cluster, node_of, private_connection
+from producer.cluster import ready as cluster_ready
+from producer.cluster import refresh as cluster_refresh
 from producer.options import validate_options
+from producer.resp import pack_xreadgroup
 from producer.secrets import describe_url_error, redact_url
-from worker.audio_reader import AudioReader
+from worker.audio_reader import AudioReader, _entries_by_stream
 from worker.backoff import Backoff
 from worker.config import Settings
 from worker.deepgram_link import DeepgramLink
@@ -39,7 +43,10 @@ from worker.store import TRANSIENT_REDIS_ERRORS, Fenced, Rejection, SessionStore
 log = structlog.get_logger("voxqueue.worker")
 
 AUTOCLAIM_PAGES_PER_SCAN = 20  # bounds one scan's work; the cursor carries on at the next one
-TRIM_EVERY_SECONDS = 10.0  # sessions streams: XDEL keeps them short, the periodic trim catches the rest
+TRIM_EVERY_SECONDS = 10.0
+# Redis Cluster: each partition's claim read blocks this long when idle (one round trip per
+# partition per period: with 16 partitions, 16 per second at 1 s, measured in BENCHMARKS.md).
+CLUSTER_CLAIM_BLOCK_MS = 1000  # sessions streams: XDEL keeps them short, the periodic trim catches the rest
 # Drain and shutdown bounds. A cancelled session aborts its Deepgram socket and stops in
 # milliseconds; one that has not stopped after SESSION_STOP_SECONDS is taken to be stuck.
 SESSION_STOP_SECONDS = 3.0
@@ -77,9 +84,10 @@ class WorkerPool:
         self.settings = settings
         self.consumer = settings.consumer_name or default_consumer_name()
         self.keys = p.Keys(settings.namespace, settings.partitions)
-        self.redis = connect_redis(settings.redis_url)
-        self.claim_redis = connect_redis(settings.redis_url, blocking=True)
-        self.read_redis = connect_redis(settings.redis_url, blocking=True)
+        self.redis = connect_redis(settings.redis_url, cluster=settings.cluster)
+        self.claim_redis = connect_redis(settings.redis_url, blocking=True, cluster=settings.cluster)
+        self.read_redis = connect_redis(settings.redis_url, blocking=True, cluster=settings.cluster)
+        self._claim_reserved = 0  # claim capacity held by per-partition reads in flight (cluster)
         self.store = SessionStore(
             self.redis,
             self.keys,
@@ -319,6 +327,9 @@ class WorkerPool:
 
     async def _claim_new(self) -> None:
         """New sessions: XREADGROUP on the sessions streams, never more than free capacity."""
+        if is_cluster(self.claim_redis):
+            await self._claim_new_per_partition()
+            return
         backoff = Backoff(0.05, 2.0)
         streams: dict[Any, Any] = dict.fromkeys(self.keys.all_sessions(), ">")
         while True:
@@ -344,6 +355,68 @@ class WorkerPool:
             for key, entries in cast(list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]], reply or []):
                 for entry_id, fields in entries:
                     await self._start_session_safely(key.decode(), entry_id, fields, how="new")
+
+    async def _claim_new_per_partition(self) -> None:
+        """Redis Cluster: each partition's sessions stream is its own slot, and one XREADGROUP
+        cannot name several slots, so each partition gets its own blocking read (its own task and
+        connection; Redis wakes it the moment an entry arrives). An idle read costs one round
+        trip per CLUSTER_CLAIM_BLOCK_MS per partition. The reads in flight share the free
+        capacity through `_claim_reserved`, so together they never take more than it."""
+        tasks = [
+            asyncio.create_task(self._claim_partition(key), name=f"claim:{key}")
+            for key in self.keys.all_sessions()
+        ]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            await _stop(tasks, TEARDOWN_SECONDS)
+
+    async def _claim_partition(self, key: str) -> None:
+        """One partition's claim read, hand-packed on a connection of its own to the partition's
+        master (producer.cluster.private_connection): a blocked read must not share a pooled
+        connection that a topology refresh recycles."""
+        backoff = Backoff(0.05, 2.0)
+        block = max(self.settings.claim_block_ms, CLUSTER_CLAIM_BLOCK_MS)
+        conn: Any = None
+        try:
+            while True:
+                count = min(self.free - self._claim_reserved, self.settings.claim_batch)
+                if count <= 0:
+                    await asyncio.sleep(0.05)
+                    continue
+                self._claim_reserved += count
+                try:
+                    try:
+                        if conn is None:
+                            cluster = await cluster_ready(self.claim_redis)
+                            conn = private_connection(node_of(cluster, key))
+                        await conn.send_packed_command(
+                            pack_xreadgroup(p.WORKERS_GROUP, self.consumer, count, block, key),
+                            check_health=False,
+                        )
+                        raw = await conn.read_response(disable_decoding=True)
+                    except TRANSIENT_REDIS_ERRORS as exc:  # MOVED, ASK, CLUSTERDOWN included
+                        # A dead node, a failover, a moved slot: route afresh, on a new connection.
+                        if conn is not None:
+                            await conn.disconnect()
+                            conn = None
+                        await cluster_refresh(self.claim_redis)
+                        await self._pause_after(backoff, exc)
+                        continue
+                    except ResponseError as exc:
+                        if "NOGROUP" not in str(exc):
+                            raise
+                        await self._ensure_session_groups()
+                        continue
+                    backoff.reset()
+                    for _, entries in _entries_by_stream(raw):
+                        for entry_id, fields in entries:
+                            await self._start_session_safely(key, entry_id, fields, how="new")
+                finally:
+                    self._claim_reserved -= count
+        finally:
+            if conn is not None:
+                await conn.disconnect()
 
     async def _take_over_expired(self) -> None:
         """Sessions whose owner stopped renewing (crashed, frozen, released on drain); also keeps
@@ -389,6 +462,15 @@ class WorkerPool:
                     message = await pubsub.get_message(timeout=self.settings.renew_seconds)
                 except TRANSIENT_REDIS_ERRORS:  # redis-py re-subscribes when it reconnects
                     await asyncio.sleep(backoff.next_delay())
+                    if is_cluster(self.redis):
+                        # A cluster pub/sub stays on the node it picked, which may be the master
+                        # that just died: start over on a node of the current slot map. PUBLISH
+                        # reaches every node of a cluster, so any node will do.
+                        with contextlib.suppress(Exception):
+                            async with asyncio.timeout(CLIENT_CLOSE_SECONDS):
+                                await pubsub.aclose()
+                        await cluster_refresh(self.redis)
+                        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                     continue
                 backoff.reset()
                 if message is not None and self.free:

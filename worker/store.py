@@ -7,17 +7,28 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import AskError, ClusterDownError, ResponseError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from producer import protocol as p
+from producer.cluster import cluster_client, split_url
 from worker import lua
 from worker.events import now_ms
 from worker.ledger import Commit
 
-TRANSIENT_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# A cluster mid-failover or mid-reshard (CLUSTERDOWN, TRYAGAIN, a slot no master serves yet,
+# MOVED/ASK past the client's own retries) is an outage like a dropped connection: wait it out.
+TRANSIENT_REDIS_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    TryAgainError,
+    AskError,
+    SlotNotCoveredError,
+)
 
 
 class StaleCommitPoint(Exception):
@@ -37,14 +48,34 @@ class StateLost(Fenced):
 
 MAX_CONNECTIONS = 128  # per client; commands queue for a free one rather than fail
 CONNECTION_WAIT_SECONDS = 30.0
+CLUSTER_MAX_CONNECTIONS = 1024  # per node
+# A failover takes the cluster's node timeout plus an election (seconds): commands retry across it.
+CLUSTER_RETRIES = 10
 
 
-def connect_redis(url: str, *, blocking: bool = False, retries: int = 3) -> aioredis.Redis:
+def connect_redis(
+    url: str, *, blocking: bool = False, retries: int = 3, cluster: bool = False
+) -> aioredis.Redis:
     """A client that rides out short blips itself; longer outages surface to our own retry loops.
 
     The pool blocks when all its connections are busy: redis-py's default pool raises
     MaxConnectionsError at its 100th concurrent command, which a drain releasing 100 leases at
-    once, or a burst of commits from hundreds of sessions, reaches."""
+    once, or a burst of commits from hundreds of sessions, reaches.
+
+    `cluster` (or a redis+cluster:// URL): redis-py's asyncio RedisCluster, which routes each
+    command by its keys' slot and follows MOVED/ASK and failovers itself (producer.cluster). Its
+    per-node connection limit raises rather than waits, so it gets a larger one."""
+    use_cluster, url = split_url(url, cluster)
+    if use_cluster:
+        return cluster_client(
+            url,
+            max_connections=CLUSTER_MAX_CONNECTIONS,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), max(retries, CLUSTER_RETRIES)),
+            socket_connect_timeout=5,
+            socket_keepalive=True,
+            health_check_interval=0 if blocking else 30,
+            decode_responses=False,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=MAX_CONNECTIONS,
