@@ -185,30 +185,70 @@ class ProtocolError(ValueError):
         self.code = code
 
 
+# Encodings a session may use: bytes per sample, and the sample rates each is taken at. Deepgram
+# takes all of these natively, so the worker passes the format on unchanged (no resampling on the
+# hot path). Telephony μ-law/A-law is 8 kHz by definition (G.711); linear16 covers telephony,
+# wideband, WebRTC (48 kHz) and CD (44.1 kHz) audio. docs/protocol.md has the table of frame sizes.
+SAMPLE_WIDTH: Final[dict[str, int]] = {"linear16": 2, "mulaw": 1, "alaw": 1}
+SAMPLE_RATES: Final[dict[str, tuple[int, ...]]] = {
+    "linear16": (8000, 16000, 24000, 32000, 44100, 48000),
+    "mulaw": (8000,),
+    "alaw": (8000,),
+}
+MAX_CHANNELS: Final = 2
+
+
 @dataclass(frozen=True, slots=True)
 class AudioFormat:
+    """A session's audio: `channels` interleaved samples of `encoding` at `sample_rate`, cut into
+    frames of `frame_ms` (every frame exactly `frame_bytes`)."""
+
     encoding: str = "linear16"
     sample_rate: int = 16000
     channels: int = 1
     frame_ms: int = 20
 
     @property
+    def sample_width(self) -> int:
+        return SAMPLE_WIDTH.get(self.encoding, 2)
+
+    @property
     def frame_bytes(self) -> int:
-        return self.sample_rate * self.channels * 2 * self.frame_ms // 1000
+        return self.sample_rate * self.channels * self.sample_width * self.frame_ms // 1000
 
     @property
     def frame_seconds(self) -> float:
         return self.frame_ms / 1000.0
 
+    @property
+    def bytes_per_second(self) -> int:
+        return self.sample_rate * self.channels * self.sample_width
+
     def validate(self) -> None:
-        if self.encoding != "linear16":
-            raise ProtocolError("bad_format", f"encoding {self.encoding!r} is not supported (linear16 only)")
-        if self.sample_rate not in (8000, 16000, 24000, 32000, 44100, 48000):
-            raise ProtocolError("bad_format", f"sample_rate {self.sample_rate} is not supported")
-        if self.channels not in (1, 2):
-            raise ProtocolError("bad_format", f"channels {self.channels} is not supported (1 or 2)")
+        """Raises ProtocolError(`bad_format`) for a combination the contract does not carry."""
+        rates = SAMPLE_RATES.get(self.encoding)
+        if rates is None:
+            raise ProtocolError(
+                "bad_format",
+                f"encoding {self.encoding[:20]!r} is not supported (one of {', '.join(SAMPLE_RATES)})",
+            )
+        if self.sample_rate not in rates:
+            allowed = ", ".join(str(r) for r in rates)
+            raise ProtocolError(
+                "bad_format",
+                f"sample_rate {self.sample_rate} is not supported for {self.encoding} ({allowed})",
+            )
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise ProtocolError(
+                "bad_format", f"channels {self.channels} is not supported (1 to {MAX_CHANNELS})"
+            )
+        # A frame must hold a whole number of samples: 44.1 kHz needs frame_ms a multiple of 10.
         if not 10 <= self.frame_ms <= 250 or (self.sample_rate * self.frame_ms) % 1000:
-            raise ProtocolError("bad_format", f"frame_ms {self.frame_ms} is not supported (10..250)")
+            raise ProtocolError(
+                "bad_format",
+                f"frame_ms {self.frame_ms} is not supported at {self.sample_rate} Hz "
+                "(10..250, a whole number of samples per frame)",
+            )
 
 
 @dataclass(frozen=True, slots=True)
