@@ -87,6 +87,23 @@ def marker_frame(n: int, sent_ns: int = 0, frame_bytes: int = 640) -> bytes:
     return head + bytes(frame_bytes - len(head))
 
 
+def format_marker_frame(fmt: AudioFormat, n: int, sent_ns: int = 0) -> bytes:
+    """A marker frame in any format: each channel carries its own marker (`marker_frame` of the
+    channel's share of the frame), interleaved sample by sample as the format's samples are. The
+    marker is raw bytes whatever the encoding (μ-law/A-law frames carry it in the encoded payload),
+    which is how the emulator's marker engine reads it (worker/emulator/marker.py)."""
+    channels, width = fmt.channels, fmt.sample_width
+    mono = marker_frame(n, sent_ns, fmt.frame_bytes // channels)
+    if channels == 1:
+        return mono
+    out = bytearray(fmt.frame_bytes)
+    group = channels * width
+    for c in range(channels):
+        for k in range(width):
+            out[c * width + k :: group] = mono[k::width]
+    return bytes(out)
+
+
 def parse_marker_frame(pcm: bytes) -> tuple[int, int] | None:
     """(n, sent_ns) of a marker frame, or None if `pcm` is not one."""
     if len(pcm) < _MARKER.size or not pcm.startswith(MARKER_MAGIC):
