@@ -528,6 +528,7 @@ def test_rules_take_every_knob_from_settings_and_the_audio_format() -> None:
         backoff_initial=0.3,
         backoff_max=5.0,
         send_interval=0.04,
+        channels=2,
     )
 
 

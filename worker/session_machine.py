@@ -85,6 +85,7 @@ class Rules:
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
     send_interval: float = 0.0  # seconds: hold live frames this long to send fewer, larger messages
+    channels: int = 1  # 2: Deepgram finalizes each channel on its own (per-channel commit marks)
 
     @classmethod
     def from_settings(cls, settings: Any, fmt: p.AudioFormat) -> Rules:
@@ -103,6 +104,7 @@ class Rules:
             backoff_initial=settings.backoff_initial,
             backoff_max=settings.backoff_max,
             send_interval=settings.send_interval_ms / 1000,
+            channels=fmt.channels,
         )
 
 
@@ -114,6 +116,7 @@ class Resume:
     committed_seq: int = -1
     committed_id: bytes = b"0-0"
     finals: int = 0
+    marks: tuple[int, ...] = ()  # per channel (multichannel): each channel's last committed frame
 
 
 # -------------------------------------------------------------------------------------- actions
@@ -296,8 +299,14 @@ class SessionMachine:
 
     def __post_init__(self) -> None:
         r = self.rules
-        self.ledger = FrameLedger.resume(self.resume.committed_seq, self.resume.committed_id, r.frame_seconds)
-        self.events = EventFactory(self.sid, self.resume.epoch, self.ledger)
+        self.ledger = FrameLedger.resume(
+            self.resume.committed_seq,
+            self.resume.committed_id,
+            r.frame_seconds,
+            r.channels,
+            list(self.resume.marks),
+        )
+        self.events = EventFactory(self.sid, self.resume.epoch, self.ledger, r.channels)
         self.finals = self.resume.finals
         self.last_read_id = self.ledger.committed_id
         self.pacer = CatchupPacer(r.catchup_speed, r.catchup_burst_seconds)
@@ -336,10 +345,13 @@ class SessionMachine:
         self.phase = Phase.CONNECTING
         return [Publish(started, once=STARTED_FLAG), Connect()]
 
-    def commit_point(self, seq: int, entry_id: bytes, finals: int | None = None) -> list[Note]:
+    def commit_point(
+        self, seq: int, entry_id: bytes, finals: int | None = None, marks: list[int] | None = None
+    ) -> list[Note]:
         """Redis's commit point, read just before a connection opens. Redis is the authority:
         ahead of us (a commit whose reply was lost) or behind (Redis lost its last writes), it is
-        adopted, and the next connection replays from it."""
+        adopted, and the next connection replays from it. With several channels, `marks` are each
+        channel's committed marks as Redis has them (adopted the same way)."""
         self._expect(Phase.CONNECTING)
         self.commit_point_fresh = True
         ledger = self.ledger
@@ -357,6 +369,8 @@ class SessionMachine:
                 )
             )
         ledger.committed_seq, ledger.committed_id = seq, entry_id
+        if self.rules.channels > 1:
+            ledger.adopt_marks(seq, marks or [], self.rules.channels)
         if finals is not None:
             self.finals = finals
         return notes
@@ -623,15 +637,21 @@ class SessionMachine:
             if msg.metadata is not None:
                 self.request_id = msg.metadata.request_id
             alts = msg.channel.alternatives
+            # One channel: whatever channel_index says. Several: each channel commits on its own.
+            channel = msg.channel_number if self.rules.channels > 1 else 0
+            if channel >= self.rules.channels:
+                return [Note("unknown_channel", "warning", {"channel_index": msg.channel_index})]
             if msg.is_final:
-                commit = self.ledger.coverage(msg.start, msg.duration)
+                commit = self.ledger.channel_coverage(channel, msg.start, msg.duration)
                 if commit is None:
                     return []
                 has_words = bool(alts and alts[0].transcript)
-                event = self.events.transcript(msg, commit) if has_words else None
+                event = self.events.transcript(msg, commit, channel) if has_words else None
+                if event is not None and not event["words"] and not event["transcript"]:
+                    event = None  # every word of it was published already (a channel replaying)
                 return [CommitFinal(commit, event)]
             if alts and alts[0].transcript:
-                return [Publish(self.events.transcript(msg, None))]
+                return [Publish(self.events.transcript(msg, None, channel))]
             return []
         if isinstance(msg, dm.SpeechStarted):
             return [Publish(self.events.speech_started(msg, self.request_id))]

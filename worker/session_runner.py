@@ -164,7 +164,13 @@ class SessionRunner:
         seq, entry, finals = await self._retry_redis(
             lambda: self.ctx.store.commit_point(self.keys, self.epoch)
         )
-        for note in machine.commit_point(seq, entry, finals):
+        channels = machine.rules.channels
+        marks: list[int] | None = None
+        if channels > 1:
+            marks = await self._retry_redis(
+                lambda: self.ctx.store.channel_marks(self.keys, self.epoch, channels)
+            )
+        for note in machine.commit_point(seq, entry, finals, marks):
             self._note(note)
         self.ctx.reader.unfollow(self.keys.audio)
         self.inbox.reset()
@@ -327,9 +333,17 @@ class SessionRunner:
             self.inbox.wake()
 
     async def _commit(self, action: sm.CommitFinal) -> None:
-        result = await self._retry_redis(
-            lambda: self.ctx.store.commit(self.keys, self.epoch, action.commit, action.event)
-        )
+        channels = self.machine.rules.channels
+        if channels > 1:
+            result = await self._retry_redis(
+                lambda: self.ctx.store.commit_channel(
+                    self.keys, self.epoch, action.commit, action.event, channels
+                )
+            )
+        else:
+            result = await self._retry_redis(
+                lambda: self.ctx.store.commit(self.keys, self.epoch, action.commit, action.event)
+            )
         finals_before = self.machine.finals
         for after in self.machine.commit_result(action, result):
             if isinstance(after, sm.Abort):
