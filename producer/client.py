@@ -77,6 +77,7 @@ from producer.protocol import (
     SessionStart,
     check_deployment,
     end_fields,
+    finalize_fields,
     frame_fields,
     validate_sid,
 )
@@ -336,6 +337,15 @@ class ProducerSession:
         (frame_obj,) = self._chunker.push(frame)
         await self._submit([self._frame_command(frame_obj.seq, frame_obj.pcm)], wait)
         return frame_obj.seq
+
+    async def finalize(self) -> None:
+        """Ask for the finals of everything sent so far now (Deepgram's Finalize), e.g. when a voice
+        agent decides the user stopped talking; the session goes on. The finals that answer carry
+        `from_finalize: true`. Audio held back as a partial frame (< one frame) is not included."""
+        self.raise_if_failed()
+        if self.ended:
+            raise ValueError("session already ended")
+        await self._submit([Command(self.keys.audio, dict(finalize_fields()), self)], True)
 
     async def end(self) -> int:
         """Send the padded remainder and the end marker; return once stored. Returns frames sent.

@@ -47,6 +47,11 @@ F_END: Final = "end"
 F_END_FRAMES: Final = "frames"  # optional on the end marker: how many frames the producer sent
 FRAME_FIELDS: Final = frozenset({F_SEQ, F_PCM})
 END_FIELDS: Final = frozenset({F_END, F_END_FRAMES})
+# A control entry: `finalize` asks the worker to send Deepgram's Finalize after the frames before
+# it, so the words said so far come back as finals now (flagged `from_finalize`), not at the next
+# pause. The session goes on. Its value is ignored ("1" by convention).
+F_FINALIZE: Final = "finalize"
+FINALIZE_FIELDS: Final = frozenset({F_FINALIZE})
 
 # Fields of a results stream entry. `e` holds the whole event as msgpack; the others repeat a few
 # values as plain strings so that `redis-cli XRANGE` is readable and consumers can filter cheaply.
@@ -343,8 +348,17 @@ class EndMarker:
     frames: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class FinalizeMarker:
+    """`finalize` control entry (see F_FINALIZE)."""
+
+
 def frame_fields(seq: int, pcm: bytes) -> dict[str, bytes | str]:
     return {F_SEQ: str(seq), F_PCM: pcm}
+
+
+def finalize_fields() -> dict[str, str]:
+    return {F_FINALIZE: "1"}
 
 
 def end_fields(frames: int | None = None) -> dict[str, str]:
@@ -357,8 +371,13 @@ def end_fields(frames: int | None = None) -> dict[str, str]:
 _PLAIN_SEQ: Final = re.compile(rb"0|[1-9][0-9]{0,17}")
 
 
-def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | EndMarker:
+def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | EndMarker | FinalizeMarker:
     """Decode one audio stream entry, raising ProtocolError for anything off-contract."""
+    if b"finalize" in raw:
+        if len(raw) != 1:
+            unknown = sorted({_text(k) for k in raw} - FINALIZE_FIELDS)
+            raise ProtocolError("unknown_fields", f"finalize entry has other fields: {unknown}")
+        return FinalizeMarker()
     if b"end" in raw:
         unknown = {_text(k) for k in raw} - END_FIELDS
         if unknown:

@@ -182,6 +182,12 @@ class KeepAlive:
 
 
 @dataclass(frozen=True, slots=True)
+class Finalize:
+    """Send Deepgram's Finalize (a producer's `finalize` entry): the audio sent so far comes back
+    as finals now, flagged from_finalize. Comes after the Sends of the frames before the entry."""
+
+
+@dataclass(frozen=True, slots=True)
 class CloseInput:
     """No more audio: Finalize, CloseStream, then read until the server closes (feed `closed`)."""
 
@@ -235,6 +241,7 @@ Action = (
     | Follow
     | Send
     | KeepAlive
+    | Finalize
     | CloseInput
     | Abort
     | Reconnect
@@ -290,6 +297,7 @@ class SessionMachine:
     closing: _Closing | None = None
     closing_since: float = 0.0
     next_send_at: float = 0.0  # with a send interval: when live frames may next be taken
+    finalized_at: int = -1  # ledger.next_seq when Finalize was last sent on this connection
     request_id: str = ""
     commit_point_fresh: bool = False  # read from Redis since the last connection ended
     pacer: CatchupPacer = field(init=False)
@@ -387,6 +395,7 @@ class SessionMachine:
         self.clock.start(now)
         self.replies = 0
         self.request_id = request_id
+        self.finalized_at = -1
         if self.closing is not None:
             # Input had already stopped (end marker, fatal input) when the connection failed:
             # replay up to the same point and close again. The catch-up read finds that point.
@@ -482,6 +491,16 @@ class SessionMachine:
                 item = decode_audio_entry(fields, rules.frame_bytes)
             except p.ProtocolError as exc:
                 actions.append(self._reject(entry_id, exc.code, str(exc)))
+                continue
+            if isinstance(item, p.FinalizeMarker):
+                # Only when frames went out since the last one: a burst of finalize entries (or
+                # one with nothing before it) costs Deepgram nothing. A replay re-sends it, and
+                # the finals that answer are committed like any other.
+                if ledger.next_seq != self.finalized_at and ledger.next_seq > ledger.connection_base_seq:
+                    self._flush(batch, now, actions)
+                    batch = []
+                    self.finalized_at = ledger.next_seq
+                    actions.append(Finalize())
                 continue
             if isinstance(item, p.EndMarker):
                 self.end_seen = True
@@ -792,7 +811,7 @@ class SessionMachine:
 # ------------------------------------------------------------------------------------ decoding
 
 
-def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> p.Frame | p.EndMarker:
+def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> p.Frame | p.EndMarker | p.FinalizeMarker:
     """producer.protocol's decoder, with any unexpected exception turned into a rejection of that
     one entry: nothing a producer writes may stop a session, let alone a worker."""
     try:

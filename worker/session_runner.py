@@ -217,6 +217,8 @@ class SessionRunner:
                         self.ctx.reader.follow(self.keys.audio, self.inbox, action.after, self.send_inline)
                     elif isinstance(action, sm.KeepAlive):
                         await conn.send_keep_alive()
+                    elif isinstance(action, sm.Finalize):
+                        await conn.send_finalize()
                     elif isinstance(action, sm.CloseInput):
                         self.ctx.reader.unfollow(self.keys.audio)
                         await conn.send_finalize()
