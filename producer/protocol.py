@@ -375,8 +375,8 @@ def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | End
     """Decode one audio stream entry, raising ProtocolError for anything off-contract."""
     if b"finalize" in raw:
         if len(raw) != 1:
-            unknown = sorted({_text(k) for k in raw} - FINALIZE_FIELDS)
-            raise ProtocolError("unknown_fields", f"finalize entry has other fields: {unknown}")
+            others = sorted({_text(k) for k in raw} - FINALIZE_FIELDS)
+            raise ProtocolError("unknown_fields", f"finalize entry has other fields: {others}")
         return FinalizeMarker()
     if b"end" in raw:
         unknown = {_text(k) for k in raw} - END_FIELDS
