@@ -294,7 +294,7 @@ class ProducerSession:
         self.labels = labels
         self.failure: BaseException | None = None
         self.ended = False
-        self._chunker = FrameChunker(format.frame_bytes)
+        self._chunker = FrameChunker(format.frame_bytes, silence=format.silence_byte)
         self._batcher = producer._batcher
         self._expire = expire_command(keys.audio, producer.audio_ttl, self)
         self._expire_every = producer.audio_ttl_refresh

@@ -201,6 +201,7 @@ SAMPLE_RATES: Final[dict[str, tuple[int, ...]]] = {
     "alaw": (8000,),
 }
 MAX_CHANNELS: Final = 2
+SILENCE_BYTE: Final[dict[str, int]] = {"linear16": 0x00, "mulaw": 0xFF, "alaw": 0xD5}
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +225,12 @@ class AudioFormat:
     @property
     def frame_seconds(self) -> float:
         return self.frame_ms / 1000.0
+
+    @property
+    def silence_byte(self) -> int:
+        """The byte value of silence: 0 in linear16, 0xFF in μ-law, 0xD5 in A-law (a zero byte
+        there is a loud sample)."""
+        return SILENCE_BYTE.get(self.encoding, 0)
 
     @property
     def bytes_per_second(self) -> int:

@@ -530,6 +530,8 @@ def test_rules_take_every_knob_from_settings_and_the_audio_format() -> None:
         send_interval=0.04,
         channels=2,
     )
+    mulaw = sm.Rules.from_settings(settings, p.AudioFormat("mulaw", 8000))
+    assert (mulaw.frame_bytes, mulaw.silence_byte) == (160, 0xFF)
 
 
 def test_a_new_machine_reads_from_its_resume_point() -> None:

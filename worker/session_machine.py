@@ -86,6 +86,7 @@ class Rules:
     backoff_max: float = 10.0
     send_interval: float = 0.0  # seconds: hold live frames this long to send fewer, larger messages
     channels: int = 1  # 2: Deepgram finalizes each channel on its own (per-channel commit marks)
+    silence_byte: int = 0  # what fills a gap: 0 in linear16, 0xFF in μ-law, 0xD5 in A-law
 
     @classmethod
     def from_settings(cls, settings: Any, fmt: p.AudioFormat) -> Rules:
@@ -105,6 +106,7 @@ class Rules:
             backoff_max=settings.backoff_max,
             send_interval=settings.send_interval_ms / 1000,
             channels=fmt.channels,
+            silence_byte=fmt.silence_byte,
         )
 
 
@@ -320,7 +322,7 @@ class SessionMachine:
         self.pacer = CatchupPacer(r.catchup_speed, r.catchup_burst_seconds)
         self.clock = LinkClock(r.keepalive_seconds, r.stall_seconds)
         self.backoff = Backoff(r.backoff_initial, r.backoff_max, rng=self.rng)
-        self.silence = bytes(r.frame_bytes)
+        self.silence = bytes([r.silence_byte]) * r.frame_bytes
 
     @property
     def epoch(self) -> int:
