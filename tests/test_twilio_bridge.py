@@ -70,18 +70,16 @@ async def fake_twilio_call(url: str, stream: str, frames: int, *, send_stop: boo
         await ws.send(start(stream, "CA" + "1" * 32))
         await ws.send("this is not json")  # skipped, the call goes on
         await ws.send(media(stream, 0, b"", track="inbound")[:-3] + "!!}")  # broken JSON too
-        chunk = 0
         # Twilio sends 160 bytes a message; a bridge must not rely on it: send 100, 220, 160...
         sizes = [100, 220] + [160] * (len(audio) // 160)
         pos = 0
-        for size in sizes:
+        for chunk, size in enumerate(sizes):
             if pos >= len(audio):
                 break
             await ws.send(media(stream, chunk, audio[pos : pos + size]))
             # The outbound track (the callee's audio with both_tracks) is not this session's.
             await ws.send(media(stream, chunk, bytes(160), track="outbound"))
             pos += size
-            chunk += 1
         bad = json.dumps({"event": "media", "media": {"track": "inbound", "payload": "@@not base64@@"}})
         await ws.send(bad)
         if send_stop:
