@@ -1,5 +1,6 @@
 """Marker sessions in other formats, end to end: real worker processes, real redis-server, the
-emulator's marker engine through the real SDK. 8 kHz μ-law and 2-channel 48 kHz linear16 sessions
+emulator's marker engine through the real SDK. Sessions in every format (linear16 at each rate,
+μ-law and A-law, 1 and 2 channels)
 come out exact (every frame once, per channel, seq-exact times), also when their worker is killed
 mid-session and another takes over (the per-channel commit of lua.COMMIT)."""
 
@@ -87,7 +88,7 @@ async def check_exact(redis: aioredis.Redis, keys: p.Keys, sid: str, fmt: p.Audi
     return len(finals)
 
 
-async def test_mulaw_and_two_channel_sessions_are_exact(tmp_path: Path) -> None:
+async def test_marker_sessions_are_exact_in_every_format(tmp_path: Path) -> None:
     stack = Stack(tmp_path).start()
     redis = stack.client()
     try:
@@ -97,6 +98,12 @@ async def test_mulaw_and_two_channel_sessions_are_exact(tmp_path: Path) -> None:
             "mulaw-1": (MULAW, 120),
             "stereo-1": (STEREO48, 120),
             "alaw-1": (p.AudioFormat("alaw", 8000), 60),
+            "mulaw-2ch": (p.AudioFormat("mulaw", 8000, 2), 60),
+            "pcm-8k": (p.AudioFormat("linear16", 8000), 60),
+            "pcm-24k": (p.AudioFormat("linear16", 24000), 60),
+            "pcm-32k": (p.AudioFormat("linear16", 32000), 60),
+            "pcm-44k-2ch": (p.AudioFormat("linear16", 44100, 2), 60),
+            "pcm-48k": (p.AudioFormat("linear16", 48000), 60),
         }
         await produce(redis, sessions, realtime=False)
         await wait_until_ended(redis, stack.keys, list(sessions), 60)
