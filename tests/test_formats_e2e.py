@@ -1,8 +1,8 @@
 """Marker sessions in other formats, end to end: real worker processes, real redis-server, the
 emulator's marker engine through the real SDK. Sessions in every format (linear16 at each rate,
-μ-law and A-law, 1 and 2 channels)
-come out exact (every frame once, per channel, seq-exact times), also when their worker is killed
-mid-session and another takes over (the per-channel commit of lua.COMMIT)."""
+μ-law and A-law, 1 and 2 channels) come out exact (every frame once, per channel, seq-exact times);
+8 kHz μ-law and 2-channel 48 kHz also when their worker is killed mid-session and another takes
+over (the per-channel commit of lua.COMMIT)."""
 
 from __future__ import annotations
 
