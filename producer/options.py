@@ -24,12 +24,10 @@ _BOOL_OR_INT: Final = "bool_or_int"
 # name -> kind. Deliberately excluded: callback, callback_method (exfiltration), encoding,
 # sample_rate, channels, multichannel (set by the worker from the session's audio format).
 ALLOWED_OPTIONS: Final[dict[str, str]] = {
+    # Live streaming only takes what its query documents; no_delay (send finals without Deepgram's
+    # short wait for more words) is the one voice agents ask for. Anything newer: the deployment
+    # allow-list extension (parse_extra_options).
     "no_delay": _BOOL,
-    "channels_label": _STR_LIST,
-    "multilingual": _BOOL,
-    "sentiment": _BOOL,
-    "topics": _BOOL,
-    "intents": _BOOL,
     "model": _STR,
     "language": _STR,
     "version": _STR,
