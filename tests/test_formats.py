@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from producer import options as o
@@ -132,3 +134,34 @@ def test_the_worker_setting_refuses_callback_and_installs_the_extension(
         assert o.validate_options({"language_hint": "en"}) == {"language_hint": ["en"]}
     finally:
         o.install_extra_options({})
+
+
+async def test_options_the_sdk_has_no_keyword_for_reach_deepgram() -> None:
+    """`no_delay` and `filler_words` are not keywords of the SDK's connect(): they go on the query
+    string through additional_query_parameters (a keyword would be a TypeError at connect)."""
+    from worker.deepgram_link import DeepgramLink
+    from worker.emulator import EmulatorServer
+
+    async with EmulatorServer(port=0) as emu:
+        seen: list[Any] = []
+        original = emu._make_engine
+
+        def spy(options: Any) -> Any:
+            seen.append(options)
+            return original(options)
+
+        emu._make_engine = spy  # type: ignore[method-assign]
+        link = DeepgramLink(emu.url, "", 5.0)
+        options = o.validate_options({"no_delay": True, "filler_words": True})
+        async with link.connect(options, p.AudioFormat("linear16", 48000, 2)) as conn:
+            await conn.send_close_stream()
+            async for _ in conn:
+                pass
+    heard = seen[0]  # the connection's options (then one mono engine per channel)
+    assert heard.extra == {"no_delay": "true", "filler_words": "true"}
+    assert (heard.multichannel, heard.sample_rate, heard.channels, heard.encoding) == (
+        True,
+        48000,
+        2,
+        "linear16",
+    )
