@@ -12,14 +12,14 @@ SAMPLE = Path(__file__).resolve().parent.parent / "worker" / "assets" / "sample.
 
 
 async def main(path: Path) -> None:
-    _, pcm = read_audio_file(path)  # 16 kHz mono 16-bit WAV
+    fmt, pcm = read_audio_file(path)  # any supported WAV: PCM 8-48 kHz, mu-law, A-law; 1-2 channels
     env = os.environ.get
     url = env("VOXQUEUE_REDIS_URL", "redis://127.0.0.1:6379/0")
     # Namespace and partition count must be the workers' (see Configuration).
     namespace, partitions = env("VOXQUEUE_NAMESPACE", "vq"), int(env("VOXQUEUE_PARTITIONS", "1"))
     async with Producer(url, namespace=namespace, partitions=partitions) as producer:
-        session = await producer.open_session(options={"model": "nova-3", "punctuate": True})
-        await session.send(pcm)  # any length; re-chunked into 640-byte frames
+        session = await producer.open_session(format=fmt, options={"model": "nova-3", "punctuate": True})
+        await session.send(pcm)  # any length; re-chunked into frames of its format
         await session.end()
         async for event in session.events():  # ends after session_ended
             if event["type"] == "final" and event["transcript"]:

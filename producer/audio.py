@@ -25,10 +25,11 @@ class FrameChunker:
     `start_seq`. Any split of the same input yields the same frames, because the remainder of one
     `push` is carried into the next one instead of being padded."""
 
-    def __init__(self, frame_bytes: int = 640, start_seq: int = 0) -> None:
+    def __init__(self, frame_bytes: int = 640, start_seq: int = 0, silence: int = 0) -> None:
         if frame_bytes <= 0:
             raise ValueError("frame_bytes must be positive")
         self.frame_bytes = frame_bytes
+        self.silence = silence  # the byte that is silence in the format (AudioFormat.silence_byte)
         self.next_seq = start_seq
         self._rest = bytearray()
 
@@ -59,12 +60,13 @@ class FrameChunker:
     def flush(self) -> Frame | None:
         """The held-back remainder as one last frame padded with silence, or None if there is none.
 
-        Padding with zeros (silence in signed PCM) rather than dropping keeps every byte the backend
-        sent; the few milliseconds of silence at the very end change no transcript.
+        Padding with silence (zeros in signed PCM, 0xFF in μ-law, 0xD5 in A-law) rather than
+        dropping keeps every byte the backend sent; the few milliseconds of silence at the very end
+        change no transcript.
         """
         if not self._rest:
             return None
-        pcm = bytes(self._rest) + bytes(self.frame_bytes - len(self._rest))
+        pcm = bytes(self._rest) + bytes([self.silence]) * (self.frame_bytes - len(self._rest))
         self._rest.clear()
         frame = Frame(self.next_seq, pcm)
         self.next_seq += 1
@@ -87,6 +89,23 @@ def marker_frame(n: int, sent_ns: int = 0, frame_bytes: int = 640) -> bytes:
     return head + bytes(frame_bytes - len(head))
 
 
+def format_marker_frame(fmt: AudioFormat, n: int, sent_ns: int = 0) -> bytes:
+    """A marker frame in any format: each channel carries its own marker (`marker_frame` of the
+    channel's share of the frame), interleaved sample by sample as the format's samples are. The
+    marker is raw bytes whatever the encoding (μ-law/A-law frames carry it in the encoded payload),
+    which is how the emulator's marker engine reads it (worker/emulator/marker.py)."""
+    channels, width = fmt.channels, fmt.sample_width
+    mono = marker_frame(n, sent_ns, fmt.frame_bytes // channels)
+    if channels == 1:
+        return mono
+    out = bytearray(fmt.frame_bytes)
+    group = channels * width
+    for c in range(channels):
+        for k in range(width):
+            out[c * width + k :: group] = mono[k::width]
+    return bytes(out)
+
+
 def parse_marker_frame(pcm: bytes) -> tuple[int, int] | None:
     """(n, sent_ns) of a marker frame, or None if `pcm` is not one."""
     if len(pcm) < _MARKER.size or not pcm.startswith(MARKER_MAGIC):
@@ -98,7 +117,12 @@ def parse_marker_frame(pcm: bytes) -> tuple[int, int] | None:
 # -------------------------------------------------------------------------------------- files
 
 RAW_SUFFIXES: Final = frozenset({".raw", ".pcm"})
-WANTED: Final = "16000 Hz mono 16-bit"
+WANTED: Final = (
+    "16-bit PCM at 8000, 16000, 24000, 32000, 44100 or 48000 Hz, or 8000 Hz mu-law/A-law, mono or stereo"
+)
+_WAVE_FORMAT_ALAW: Final = 0x0006
+_WAVE_FORMAT_MULAW: Final = 0x0007
+_G711: Final = {_WAVE_FORMAT_ALAW: "alaw", _WAVE_FORMAT_MULAW: "mulaw"}
 
 _WAVE_FORMAT_PCM: Final = 0x0001
 _WAVE_FORMAT_IEEE_FLOAT: Final = 0x0003
@@ -119,8 +143,18 @@ class AudioFileError(ValueError):
     """A file voxqueue cannot send as it is; the message says what the file is and how to fix it."""
 
 
-def read_audio_file(path: str | Path, raw: bool = False) -> tuple[AudioFormat, bytes]:
-    """Read a 16 kHz mono 16-bit WAV, or headerless PCM (`raw=True` or a .raw/.pcm suffix).
+def read_audio_file(
+    path: str | Path,
+    raw: bool = False,
+    *,
+    encoding: str | None = None,
+    sample_rate: int | None = None,
+    channels: int | None = None,
+) -> tuple[AudioFormat, bytes]:
+    """Read a WAV in any format of the wire contract (docs/protocol.md, "Audio formats": 16-bit PCM
+    at a supported rate, 8 kHz μ-law or A-law; mono or stereo), or a headerless file (`raw=True`
+    or a .raw/.pcm suffix) in the format given by `encoding`, `sample_rate`, `channels` (default
+    16 kHz mono linear16). Returns the format and the samples as they are.
 
     Anything else is refused rather than converted: resampling belongs to tools made for it, and a
     silently wrong sample rate would produce a confident but wrong transcript.
@@ -131,44 +165,69 @@ def read_audio_file(path: str | Path, raw: bool = False) -> tuple[AudioFormat, b
     except OSError as exc:
         raise AudioFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     if raw or path.suffix.lower() in RAW_SUFFIXES:
-        if len(data) % 2:
+        fmt = AudioFormat(encoding or "linear16", sample_rate or 16000, channels or 1)
+        try:
+            fmt.validate()
+        except ValueError as exc:
+            raise AudioFileError(f"{path.name}: {exc}") from None
+        sample_bytes = fmt.sample_width * fmt.channels
+        if len(data) % sample_bytes:
             raise AudioFileError(
-                f"{path.name} has an odd number of bytes ({len(data)}), so it is not 16-bit PCM"
+                f"{path.name} has {len(data)} bytes, not a whole number of {sample_bytes}-byte samples, "
+                f"so it is not {fmt.encoding} with {fmt.channels} channel(s)"
             )
-        return AudioFormat(), data
+        return fmt, data
     kind = _sniff(data)
     if kind != "WAV":
-        hint = "" if kind != "not a WAV file" else "; if it is headerless 16 kHz mono 16-bit PCM, use --raw"
+        hint = "" if kind != "not a WAV file" else "; if it is headerless audio, use --raw"
         raise AudioFileError(
-            f"{path.name} is {kind}{hint}; voxqueue needs a {WANTED} WAV "
+            f"{path.name} is {kind}{hint}; voxqueue needs a WAV of {WANTED} "
             f"(convert with: {_convert_hint(path, is_wav=False)})"
         )
-    return AudioFormat(), _read_wav(path, data)
+    return _read_wav(path, data)
 
 
-def _read_wav(path: Path, data: bytes) -> bytes:
+def _accepted(tag: int, rate: int, channels: int, bits: int) -> AudioFormat | None:
+    """The session format of a WAV with these parameters, or None if the contract lacks it."""
+    if tag == _WAVE_FORMAT_PCM and bits == 16:
+        fmt = AudioFormat("linear16", rate, channels)
+    elif tag in _G711 and bits == 8:
+        fmt = AudioFormat(_G711[tag], rate, channels)
+    else:
+        return None
+    try:
+        fmt.validate()
+    except ValueError:
+        return None
+    return fmt
+
+
+def _read_wav(path: Path, data: bytes) -> tuple[AudioFormat, bytes]:
     try:
         with wave.open(io.BytesIO(data)) as w:
             rate, channels, width = w.getframerate(), w.getnchannels(), w.getsampwidth()
-            if (rate, channels, width) == (16000, 1, 2):
-                return w.readframes(w.getnframes())
+            fmt = _accepted(_WAVE_FORMAT_PCM, rate, channels, width * 8)
+            if fmt is not None:
+                return fmt, w.readframes(w.getnframes())
             raise AudioFileError(_refusal(path, rate, channels, width * 8, "PCM"))
     except (wave.Error, EOFError):
         # Python 3.11's wave refuses WAVE_FORMAT_EXTENSIBLE (and float, A-law...): read the chunks
         # ourselves, accept extensible PCM, and describe anything else precisely.
         pass
-    fmt, samples = _riff_chunks(path, data)
-    if len(fmt) < 16:
+    header, samples = _riff_chunks(path, data)
+    if len(header) < 16:
         raise AudioFileError(f"{path.name} is a damaged WAV file (its fmt chunk is too short)")
-    tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", fmt)
-    if tag == _WAVE_FORMAT_EXTENSIBLE and len(fmt) >= 40:
-        sub = fmt[24:40]
+    tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", header)
+    if tag == _WAVE_FORMAT_EXTENSIBLE and len(header) >= 40:
+        sub = header[24:40]
         if sub.endswith(_GUID_TAIL):
             tag = struct.unpack_from("<H", sub)[0]
-    if tag == _WAVE_FORMAT_PCM and (rate, channels, bits) == (16000, 1, 16):
+    found = _accepted(tag, rate, channels, bits)
+    if found is not None:
         if samples is None:
             raise AudioFileError(f"{path.name} is a damaged WAV file (it has no data chunk)")
-        return samples[: len(samples) // 2 * 2]
+        whole = found.sample_width * found.channels
+        return found, samples[: len(samples) // whole * whole]
     kind = "PCM" if tag == _WAVE_FORMAT_PCM else _FORMAT_NAMES.get(tag, f"format 0x{tag:04x}")
     raise AudioFileError(_refusal(path, rate, channels, bits, kind))
 

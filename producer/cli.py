@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import transcripts
 from producer.aio import cancel_and_wait
-from producer.audio import AudioFileError, read_audio_file
+from producer.audio import RAW_SUFFIXES, AudioFileError, read_audio_file
 from producer.batcher import ProducerConnectionError, ProducerError
 from producer.client import Producer, ProducerSession, SessionExists, connect
 from producer.options import parse_option_pairs, validate_options
@@ -361,7 +361,18 @@ speed_option = click.option(
     help="Deepgram option, repeatable (allow-listed).",
 )
 @click.option("--label", "label_pairs", multiple=True, metavar="KEY=VALUE", help="Session label, repeatable.")
-@click.option("--raw", is_flag=True, help="FILE is headerless 16 kHz mono 16-bit PCM.")
+@click.option(
+    "--raw", is_flag=True, help="FILE is headerless audio (default 16 kHz mono linear16; see --encoding)."
+)
+@click.option(
+    "--encoding",
+    type=click.Choice(["linear16", "mulaw", "alaw"]),
+    help="Headerless FILE: its encoding (default linear16).",
+)
+@click.option("--sample-rate", type=int, help="Headerless FILE: its sample rate in Hz (default 16000).")
+@click.option(
+    "--channels", type=click.IntRange(1, 2), help="Headerless FILE: interleaved channels (default 1)."
+)
 @click.option("--follow", is_flag=True, help="Print the transcript as it arrives, until the session ends.")
 @click.option("--json", "as_json", is_flag=True, help="With --follow: one event per line as JSON.")
 @redis_options
@@ -372,16 +383,31 @@ def produce(
     option_pairs: tuple[str, ...],
     label_pairs: tuple[str, ...],
     raw: bool,
+    encoding: str | None,
+    sample_rate: int | None,
+    channels: int | None,
     follow: bool,
     as_json: bool,
     redis_url: str,
     namespace: str,
     partitions: int,
 ) -> None:
-    """Send a WAV (16 kHz mono 16-bit) or raw PCM FILE as one session; prints the session id."""
+    """Send a WAV or headerless FILE as one session; prints the session id.
+
+    A WAV is sent in its own format: 16-bit PCM at 8, 16, 24, 32, 44.1 or 48 kHz, or 8 kHz
+    mu-law/A-law, mono or stereo (docs/protocol.md, "Audio formats"). Headerless files (--raw, or
+    .raw/.pcm) take their format from --encoding, --sample-rate and --channels."""
     options, labels, sid = _options(option_pairs), _labels(label_pairs), _sid(sid)
+    headerless = raw or file.suffix.lower() in RAW_SUFFIXES
+    if not headerless and (encoding or sample_rate or channels):
+        raise BadInput(
+            "--encoding, --sample-rate and --channels describe headerless files (--raw); "
+            f"{file.name} is read as a WAV, which says its own format"
+        )
     try:
-        fmt, pcm = read_audio_file(file, raw=raw)
+        fmt, pcm = read_audio_file(
+            file, raw=raw, encoding=encoding, sample_rate=sample_rate, channels=channels
+        )
     except AudioFileError as exc:
         raise BadInput(str(exc)) from None
     if not pcm:
@@ -455,7 +481,7 @@ def replay(
         keys = Keys(namespace=namespace, partitions=partitions)
         start = await find_session_start(client, keys, old_sid)
         fmt = start.format if start else AudioFormat()
-        pcm = await recorded_audio(client, keys, old_sid, fmt.frame_bytes)
+        pcm = await recorded_audio(client, keys, old_sid, fmt.frame_bytes, fmt.silence_byte)
         if start is None:
             click.echo(f"warning: the start entry of {old_sid} is gone; using defaults", err=True)
         try:
@@ -522,7 +548,9 @@ def _matching_start(entries: list[tuple[bytes, dict[bytes, bytes]]], sid: str) -
     return None
 
 
-async def recorded_audio(client: aioredis.Redis, keys: Keys, sid: str, frame_bytes: int) -> bytes:
+async def recorded_audio(
+    client: aioredis.Redis, keys: Keys, sid: str, frame_bytes: int, silence_byte: int = 0
+) -> bytes:
     """The session's frames in seq order, each seq once (a retried XADD may have stored one twice)."""
     audio = keys.session(sid).audio
     frames: dict[int, bytes] = {}
@@ -545,7 +573,7 @@ async def recorded_audio(client: aioredis.Redis, keys: Keys, sid: str, frame_byt
         raise BadInput(f"session {sid} has no recorded audio in Redis (expired, or never existed)")
     # Frames the original session never got were silence to Deepgram (the worker fills gaps);
     # fill them the same way here so the replay's timestamps match the original's.
-    silence = bytes(frame_bytes)
+    silence = bytes([silence_byte]) * frame_bytes  # a zero byte is loud in mu-law and A-law
     return b"".join(frames.get(seq, silence) for seq in range(max(frames) + 1))
 
 

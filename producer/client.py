@@ -78,6 +78,7 @@ from producer.protocol import (
     SessionStart,
     check_deployment,
     end_fields,
+    finalize_fields,
     frame_fields,
     validate_sid,
 )
@@ -301,7 +302,7 @@ class ProducerSession:
         self.labels = labels
         self.failure: BaseException | None = None
         self.ended = False
-        self._chunker = FrameChunker(format.frame_bytes)
+        self._chunker = FrameChunker(format.frame_bytes, silence=format.silence_byte)
         self._batcher = producer._batcher
         self._expire = expire_command(keys.audio, producer.audio_ttl, self)
         self._expire_every = producer.audio_ttl_refresh
@@ -344,6 +345,15 @@ class ProducerSession:
         (frame_obj,) = self._chunker.push(frame)
         await self._submit([self._frame_command(frame_obj.seq, frame_obj.pcm)], wait)
         return frame_obj.seq
+
+    async def finalize(self) -> None:
+        """Ask for the finals of everything sent so far now (Deepgram's Finalize), e.g. when a voice
+        agent decides the user stopped talking; the session goes on. The finals that answer carry
+        `from_finalize: true`. Audio held back as a partial frame (< one frame) is not included."""
+        self.raise_if_failed()
+        if self.ended:
+            raise ValueError("session already ended")
+        await self._submit([Command(self.keys.audio, dict(finalize_fields()), self)], True)
 
     async def end(self) -> int:
         """Send the padded remainder and the end marker; return once stored. Returns frames sent.

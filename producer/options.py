@@ -13,7 +13,7 @@ import math
 import re
 from typing import Any, Final
 
-from producer.protocol import ProtocolError
+from producer.protocol import AudioFormat, ProtocolError
 
 _BOOL: Final = "bool"
 _STR: Final = "str"
@@ -24,6 +24,10 @@ _BOOL_OR_INT: Final = "bool_or_int"
 # name -> kind. Deliberately excluded: callback, callback_method (exfiltration), encoding,
 # sample_rate, channels, multichannel (set by the worker from the session's audio format).
 ALLOWED_OPTIONS: Final[dict[str, str]] = {
+    # Live streaming only takes what its query documents; no_delay (send finals without Deepgram's
+    # short wait for more words) is the one voice agents ask for. Anything newer: the deployment
+    # allow-list extension (parse_extra_options).
+    "no_delay": _BOOL,
     "model": _STR,
     "language": _STR,
     "version": _STR,
@@ -48,10 +52,55 @@ ALLOWED_OPTIONS: Final[dict[str, str]] = {
     "tag": _STR_LIST,
     "extra": _STR_LIST,
 }
+KINDS: Final = frozenset({_BOOL, _STR, _INT, _STR_LIST, _BOOL_OR_INT})
+# Never allowed, whatever a deployment configures: callback/callback_method would make Deepgram post
+# transcripts to a URL the producer chose; the format options must match the frames the worker
+# sends, so the worker sets them from the session's audio format.
+NEVER_ALLOWED: Final = frozenset(
+    {"callback", "callback_method", "encoding", "sample_rate", "channels", "multichannel"}
+)
+# Options a deployment added to the allow-list (worker setting `extra_options`, see
+# `parse_extra_options`); installed once at start-up by `install_extra_options`.
+_extra_options: dict[str, str] = {}
 DEFAULT_MODEL: Final = "nova-3"
 MAX_OPTION_TEXT: Final = 256
 MAX_LIST_ITEMS: Final = 100
 _SAFE_TEXT = re.compile(r"^[\w .:,'+\-/@#&%]*$")
+
+
+def parse_extra_options(spec: str) -> dict[str, str]:
+    """A deployment's extension of the allow-list: `name:kind,name:kind` (kinds: bool, str, int,
+    str_list, bool_or_int). Raises ValueError for a bad entry or a name that is never allowed."""
+    out: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, kind = item.partition(":")
+        name, kind = name.strip(), kind.strip()
+        if not sep or not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):
+            raise ValueError(f"extra option {item!r} is not name:kind (lower-case name)")
+        if kind not in KINDS:
+            raise ValueError(f"extra option {name!r}: kind {kind!r} is not one of {sorted(KINDS)}")
+        if name in NEVER_ALLOWED:
+            raise ValueError(f"option {name!r} can never be allowed (set by the worker, or unsafe)")
+        out[name] = kind
+    return out
+
+
+def install_extra_options(extra: dict[str, str]) -> None:
+    """Make a deployment's extra options valid in this process (the worker calls it at start-up)."""
+    bad = set(extra) & NEVER_ALLOWED
+    if bad:
+        raise ValueError(f"options {sorted(bad)} can never be allowed")
+    _extra_options.clear()
+    _extra_options.update(extra)
+
+
+def allowed_kind(name: str) -> str | None:
+    if name in NEVER_ALLOWED:
+        return None
+    return ALLOWED_OPTIONS.get(name) or _extra_options.get(name)
 
 
 def validate_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +110,7 @@ def validate_options(options: dict[str, Any]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for name, value in options.items():
-        kind = ALLOWED_OPTIONS.get(name)
+        kind = allowed_kind(name)
         if kind is None:
             raise ProtocolError("option_not_allowed", f"Deepgram option {name!r} is not allowed")
         out[name] = _normalise(name, kind, value)
@@ -78,17 +127,23 @@ def parse_option_pairs(pairs: list[str]) -> dict[str, Any]:
         if name in out:
             prev = out[name]
             out[name] = [*prev, value] if isinstance(prev, list) else [prev, value]
-        elif ALLOWED_OPTIONS.get(name) == _STR_LIST:
+        elif allowed_kind(name) == _STR_LIST:
             out[name] = [value]
         else:
             out[name] = value
     return validate_options(out)
 
 
-def connect_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    """Options as keyword arguments for `listen.v1.connect` (model is required by the SDK)."""
-    kwargs = dict(options)
+def connect_kwargs(options: dict[str, Any], fmt: AudioFormat | None = None) -> dict[str, Any]:
+    """Options as keyword arguments for `listen.v1.connect` (model is required by the SDK), with
+    the audio format as Deepgram's `encoding`, `sample_rate`, `channels` and, for more than one
+    channel, `multichannel=true` (results per channel: what the per-channel commit relies on)."""
+    kwargs = {k: v for k, v in options.items() if k not in NEVER_ALLOWED}
     kwargs.setdefault("model", DEFAULT_MODEL)
+    if fmt is not None:
+        kwargs.update(encoding=fmt.encoding, sample_rate=str(fmt.sample_rate), channels=str(fmt.channels))
+        if fmt.channels > 1:
+            kwargs["multichannel"] = "true"
     return kwargs
 
 

@@ -47,6 +47,11 @@ F_END: Final = "end"
 F_END_FRAMES: Final = "frames"  # optional on the end marker: how many frames the producer sent
 FRAME_FIELDS: Final = frozenset({F_SEQ, F_PCM})
 END_FIELDS: Final = frozenset({F_END, F_END_FRAMES})
+# A control entry: `finalize` asks the worker to send Deepgram's Finalize after the frames before
+# it, so the words said so far come back as finals now (flagged `from_finalize`), not at the next
+# pause. The session goes on. Its value is ignored ("1" by convention).
+F_FINALIZE: Final = "finalize"
+FINALIZE_FIELDS: Final = frozenset({F_FINALIZE})
 
 # Fields of a results stream entry. `e` holds the whole event as msgpack; the others repeat a few
 # values as plain strings so that `redis-cli XRANGE` is readable and consumers can filter cheaply.
@@ -185,30 +190,77 @@ class ProtocolError(ValueError):
         self.code = code
 
 
+# Encodings a session may use: bytes per sample, and the sample rates each is taken at. Deepgram
+# takes all of these natively, so the worker passes the format on unchanged (no resampling on the
+# hot path). Telephony μ-law/A-law is 8 kHz by definition (G.711); linear16 covers telephony,
+# wideband, WebRTC (48 kHz) and CD (44.1 kHz) audio. docs/protocol.md has the table of frame sizes.
+SAMPLE_WIDTH: Final[dict[str, int]] = {"linear16": 2, "mulaw": 1, "alaw": 1}
+SAMPLE_RATES: Final[dict[str, tuple[int, ...]]] = {
+    "linear16": (8000, 16000, 24000, 32000, 44100, 48000),
+    "mulaw": (8000,),
+    "alaw": (8000,),
+}
+MAX_CHANNELS: Final = 2
+SILENCE_BYTE: Final[dict[str, int]] = {"linear16": 0x00, "mulaw": 0xFF, "alaw": 0xD5}
+
+
 @dataclass(frozen=True, slots=True)
 class AudioFormat:
+    """A session's audio: `channels` interleaved samples of `encoding` at `sample_rate`, cut into
+    frames of `frame_ms` (every frame exactly `frame_bytes`)."""
+
     encoding: str = "linear16"
     sample_rate: int = 16000
     channels: int = 1
     frame_ms: int = 20
 
     @property
+    def sample_width(self) -> int:
+        return SAMPLE_WIDTH.get(self.encoding, 2)
+
+    @property
     def frame_bytes(self) -> int:
-        return self.sample_rate * self.channels * 2 * self.frame_ms // 1000
+        return self.sample_rate * self.channels * self.sample_width * self.frame_ms // 1000
 
     @property
     def frame_seconds(self) -> float:
         return self.frame_ms / 1000.0
 
+    @property
+    def silence_byte(self) -> int:
+        """The byte value of silence: 0 in linear16, 0xFF in μ-law, 0xD5 in A-law (a zero byte
+        there is a loud sample)."""
+        return SILENCE_BYTE.get(self.encoding, 0)
+
+    @property
+    def bytes_per_second(self) -> int:
+        return self.sample_rate * self.channels * self.sample_width
+
     def validate(self) -> None:
-        if self.encoding != "linear16":
-            raise ProtocolError("bad_format", f"encoding {self.encoding!r} is not supported (linear16 only)")
-        if self.sample_rate not in (8000, 16000, 24000, 32000, 44100, 48000):
-            raise ProtocolError("bad_format", f"sample_rate {self.sample_rate} is not supported")
-        if self.channels not in (1, 2):
-            raise ProtocolError("bad_format", f"channels {self.channels} is not supported (1 or 2)")
+        """Raises ProtocolError(`bad_format`) for a combination the contract does not carry."""
+        rates = SAMPLE_RATES.get(self.encoding)
+        if rates is None:
+            raise ProtocolError(
+                "bad_format",
+                f"encoding {self.encoding[:20]!r} is not supported (one of {', '.join(SAMPLE_RATES)})",
+            )
+        if self.sample_rate not in rates:
+            allowed = ", ".join(str(r) for r in rates)
+            raise ProtocolError(
+                "bad_format",
+                f"sample_rate {self.sample_rate} is not supported for {self.encoding} ({allowed})",
+            )
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise ProtocolError(
+                "bad_format", f"channels {self.channels} is not supported (1 to {MAX_CHANNELS})"
+            )
+        # A frame must hold a whole number of samples: 44.1 kHz needs frame_ms a multiple of 10.
         if not 10 <= self.frame_ms <= 250 or (self.sample_rate * self.frame_ms) % 1000:
-            raise ProtocolError("bad_format", f"frame_ms {self.frame_ms} is not supported (10..250)")
+            raise ProtocolError(
+                "bad_format",
+                f"frame_ms {self.frame_ms} is not supported at {self.sample_rate} Hz "
+                "(10..250, a whole number of samples per frame)",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,8 +355,17 @@ class EndMarker:
     frames: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class FinalizeMarker:
+    """`finalize` control entry (see F_FINALIZE)."""
+
+
 def frame_fields(seq: int, pcm: bytes) -> dict[str, bytes | str]:
     return {F_SEQ: str(seq), F_PCM: pcm}
+
+
+def finalize_fields() -> dict[str, str]:
+    return {F_FINALIZE: "1"}
 
 
 def end_fields(frames: int | None = None) -> dict[str, str]:
@@ -317,8 +378,13 @@ def end_fields(frames: int | None = None) -> dict[str, str]:
 _PLAIN_SEQ: Final = re.compile(rb"0|[1-9][0-9]{0,17}")
 
 
-def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | EndMarker:
+def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | EndMarker | FinalizeMarker:
     """Decode one audio stream entry, raising ProtocolError for anything off-contract."""
+    if b"finalize" in raw:
+        if len(raw) != 1:
+            others = sorted({_text(k) for k in raw} - FINALIZE_FIELDS)
+            raise ProtocolError("unknown_fields", f"finalize entry has other fields: {others}")
+        return FinalizeMarker()
     if b"end" in raw:
         unknown = {_text(k) for k in raw} - END_FIELDS
         if unknown:

@@ -77,7 +77,9 @@ def same(lean: Any, sdk: Any) -> None:
     """Every field the lean class has reads the same on the SDK's model."""
     for name in lean.__slots__:
         a, b = getattr(lean, name), getattr(sdk, name)
-        if isinstance(a, list):
+        if isinstance(a, list) and not any(hasattr(x, "__slots__") for x in a):
+            assert a == b, (name, a, b)  # plain values (channel_index)
+        elif isinstance(a, list):
             assert len(a) == len(b), name
             for x, y in zip(a, b, strict=True):
                 same(x, y)
@@ -128,6 +130,11 @@ def _results_with(**changes: Any) -> str:
         _results_with(channel__alternatives__0__words__0__start="soon"),
         _results_with(metadata=[1]),
         '{"type": "SpeechStarted", "timestamp": null}',
+        _results_with(channel_index=[2, 2]),
+        _results_with(channel_index=[0, "1"]),
+        _results_with(channel_index=[0, 1, 2]),
+        _results_with(channel_index={"0": 1}),
+        '{"type": "SpeechStarted", "timestamp": 1, "channel": [-1]}',
         '{"type": "UtteranceEnd", "last_word_end": 1e999}',
         " " * (dm.MAX_MESSAGE_BYTES + 1),
     ],
@@ -138,3 +145,20 @@ def test_hostile_messages_are_refused_one_by_one_never_raised(raw: str) -> None:
     UnknownMessage: the runner logs and skips it, the connection and the worker go on."""
     with pytest.raises(dm.UnknownMessage):
         dm.decode(raw)
+
+
+def test_multichannel_messages_decode_like_the_sdk_and_name_their_channel() -> None:
+    message = json.loads(json.dumps(RESULTS))
+    message["channel_index"] = [1, 2]
+    raw = json.dumps(message)
+    lean = dm.decode(raw)
+    same(lean, construct_type(type_=V1SocketClientResponse, object_=json.loads(raw)))
+    assert isinstance(lean, dm.Results) and lean.channel_number == 1
+    for other in (
+        {"type": "SpeechStarted", "channel": [1], "timestamp": 1.25},
+        {"type": "UtteranceEnd", "channel": [1, 2], "last_word_end": 3.4},
+    ):
+        raw = json.dumps(other)
+        decoded = dm.decode(raw)
+        same(decoded, construct_type(type_=V1SocketClientResponse, object_=json.loads(raw)))
+        assert getattr(decoded, "channel", None)[0] == 1  # type: ignore[index]

@@ -184,7 +184,7 @@ def test_listen_options_and_lag_reservoir() -> None:
     o = ListenOptions.from_query(
         "encoding=linear16&sample_rate=8000&interim_results=true&endpointing=false&x=1"
     )
-    assert o.linear16 and o.sample_rate == 8000 and o.interim_results and o.endpointing_ms is None
+    assert o.decodable and o.sample_rate == 8000 and o.interim_results and o.endpointing_ms is None
     assert o.model == "base" and o.extra == {"x": "1"}
     assert ListenOptions.from_query("endpointing=300").endpointing_ms == 300
     with pytest.raises(OptionError):
@@ -331,7 +331,7 @@ async def test_bearer_auth_wrong_path_and_bad_parameter(emu: EmulatorServer) -> 
 async def test_undecodable_audio_and_wrong_encoding_close_1008(emu: EmulatorServer) -> None:
     for options, audio in (
         ({}, marker(1) + b"VQBADAUD" + bytes(FRAME - 8)),
-        ({"encoding": "mulaw"}, SILENCE),
+        ({"encoding": "opus"}, SILENCE),
     ):
         async with listen(emu, **options) as conn:
             await conn.send_media(audio)

@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from producer.audio import (
+    WANTED,
     AudioFileError,
     FrameChunker,
     marker_frame,
@@ -162,16 +163,16 @@ def test_raw_pcm_by_suffix_or_flag(tmp_path: Path) -> None:
     assert read_audio_file(tmp_path / "a.raw")[1] == pcm
     assert read_audio_file(tmp_path / "a.bin", raw=True)[1] == pcm
     (tmp_path / "odd.pcm").write_bytes(b"123")
-    with pytest.raises(AudioFileError, match="odd number of bytes"):
+    with pytest.raises(AudioFileError, match="not a whole number of 2-byte samples"):
         read_audio_file(tmp_path / "odd.pcm")
 
 
-def test_wav_stereo_44k_refused_with_conversion_hint(tmp_path: Path) -> None:
-    _wav(tmp_path / "song.wav", rate=44100, channels=2)
+def test_wav_22k_refused_with_conversion_hint(tmp_path: Path) -> None:
+    _wav(tmp_path / "song.wav", rate=22050, channels=2)
     with pytest.raises(AudioFileError) as info:
         read_audio_file(tmp_path / "song.wav")
     assert str(info.value) == (
-        "song.wav is 44100 Hz stereo 16-bit PCM; voxqueue needs 16000 Hz mono 16-bit "
+        f"song.wav is 22050 Hz stereo 16-bit PCM; voxqueue needs {WANTED} "
         f"(convert with: sox -t wav {tmp_path}/song.wav -r 16000 -c 1 -b 16 {tmp_path}/song-16k.wav)"
     )
 
@@ -180,7 +181,9 @@ def test_wav_stereo_44k_refused_with_conversion_hint(tmp_path: Path) -> None:
     ("make", "expected"),
     [
         (lambda p: _wav(p, width=1), "16000 Hz mono 8-bit PCM"),
-        (lambda p: _wav(p, rate=8000), "8000 Hz mono 16-bit PCM"),
+        (lambda p: _wav(p, rate=11025), "11025 Hz mono 16-bit PCM"),
+        (lambda p: _wav(p, channels=3), "16000 Hz 3-channel 16-bit PCM"),
+        (lambda p: _riff(p, 7, 16000, 1, 8, bytes(64)), "16000 Hz mono 8-bit mu-law"),
         (lambda p: _riff(p, 3, 16000, 1, 32, bytes(64)), "16000 Hz mono 32-bit float"),
         (lambda p: _riff(p, 0xFFFE, 48000, 2, 32, bytes(64), sub_tag=3), "48000 Hz stereo 32-bit float"),
         (lambda p: p.write_bytes(b"ID3\x04" + bytes(100)), "is an MP3 file"),
@@ -193,7 +196,55 @@ def test_unusable_files_refused(tmp_path: Path, make, expected: str) -> None:  #
     make(path)
     with pytest.raises(AudioFileError, match=expected) as info:
         read_audio_file(path)
-    assert str(info.value).startswith("in.wav is ") and "16000 Hz mono 16-bit" in str(info.value)
+    assert str(info.value).startswith("in.wav is ") and WANTED in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("tag", "encoding", "rate", "channels", "bits"),
+    [
+        (1, "linear16", 8000, 1, 16),
+        (1, "linear16", 24000, 1, 16),
+        (1, "linear16", 44100, 2, 16),
+        (1, "linear16", 48000, 2, 16),
+        (7, "mulaw", 8000, 1, 8),
+        (6, "alaw", 8000, 2, 8),
+    ],
+)
+def test_wav_in_every_supported_format_is_sent_as_it_is(
+    tmp_path: Path, tag: int, encoding: str, rate: int, channels: int, bits: int
+) -> None:
+    data = _pcm(rate // 50 * channels * bits // 8 * 3 + 2)  # 3 frames and a bit
+    _riff(tmp_path / "in.wav", tag, rate, channels, bits, data)
+    fmt, samples = read_audio_file(tmp_path / "in.wav")
+    assert fmt == AudioFormat(encoding, rate, channels)
+    whole = channels * bits // 8
+    assert samples == data[: len(data) // whole * whole]
+    if tag == 1:  # Python's wave module reads these; the same answer
+        _wav(tmp_path / "w.wav", rate=rate, channels=channels)
+        assert read_audio_file(tmp_path / "w.wav")[0] == AudioFormat(encoding, rate, channels)
+    _riff(tmp_path / "ext.wav", 0xFFFE, rate, channels, bits, data, sub_tag=tag)
+    assert read_audio_file(tmp_path / "ext.wav")[0] == fmt
+
+
+def test_raw_files_take_their_format_from_the_flags(tmp_path: Path) -> None:
+    (tmp_path / "call.raw").write_bytes(bytes([0xFF]) * 480)
+    fmt, data = read_audio_file(tmp_path / "call.raw", encoding="mulaw", sample_rate=8000)
+    assert fmt == AudioFormat("mulaw", 8000) and len(data) == 480
+    fmt, _ = read_audio_file(tmp_path / "call.raw", sample_rate=48000, channels=2)
+    assert fmt == AudioFormat("linear16", 48000, 2)
+    with pytest.raises(AudioFileError, match=r"call\.raw: sample_rate 16000 is not supported for mulaw"):
+        read_audio_file(tmp_path / "call.raw", encoding="mulaw")
+    with pytest.raises(AudioFileError, match="not a whole number of 4-byte samples"):
+        (tmp_path / "odd.pcm").write_bytes(bytes(6))
+        read_audio_file(tmp_path / "odd.pcm", channels=2)
+
+
+def test_the_last_frame_is_padded_with_the_formats_silence() -> None:
+    mu = FrameChunker(160, silence=AudioFormat("mulaw", 8000).silence_byte)
+    assert mu.push(b"\x01" * 10) == []
+    last = mu.flush()
+    assert last is not None and last.pcm == b"\x01" * 10 + b"\xff" * 150
+    assert AudioFormat("alaw", 8000).silence_byte == 0xD5 and AudioFormat().silence_byte == 0
 
 
 def test_mp3_suffix_gets_ffmpeg_hint(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from producer.audio import marker_frame
+from producer.audio import WANTED, marker_frame
 from producer.cli import add_producer_commands, event_line, main
 from producer.protocol import FINAL, PARTIAL, SESSION_ENDED, SESSION_STARTED, Keys, encode_event
 from worker.redis_server import RedisServer, child_env, free_port
@@ -143,12 +143,12 @@ def test_produce_refuses_unusable_file(redis_server: RedisServer, tmp_path: Path
     with wave.open(str(tmp_path / "song.wav"), "wb") as w:
         w.setnchannels(2)
         w.setsampwidth(2)
-        w.setframerate(44100)
+        w.setframerate(22050)
         w.writeframes(bytes(400))
     result = run(redis_server, "produce", str(tmp_path / "song.wav"))
     assert result.exit_code == 2
     assert result.stderr.strip() == (
-        "Error: song.wav is 44100 Hz stereo 16-bit PCM; voxqueue needs 16000 Hz mono 16-bit "
+        f"Error: song.wav is 22050 Hz stereo 16-bit PCM; voxqueue needs {WANTED} "
         f"(convert with: sox -t wav {tmp_path}/song.wav -r 16000 -c 1 -b 16 {tmp_path}/song-16k.wav)"
     )
     missing = run(redis_server, "produce", str(tmp_path / "nope.wav"))

@@ -528,7 +528,10 @@ def test_rules_take_every_knob_from_settings_and_the_audio_format() -> None:
         backoff_initial=0.3,
         backoff_max=5.0,
         send_interval=0.04,
+        channels=2,
     )
+    mulaw = sm.Rules.from_settings(settings, p.AudioFormat("mulaw", 8000))
+    assert (mulaw.frame_bytes, mulaw.silence_byte) == (160, 0xFF)
 
 
 def test_a_new_machine_reads_from_its_resume_point() -> None:

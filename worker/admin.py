@@ -340,7 +340,9 @@ def requeue(dead_id: str, speed: float, redis_url: str, namespace: str, partitio
             raise BadInput(f"dead letter {dead_id} names no valid session: nothing to run again") from None
         start = await find_session_start(client, keys, old_sid)
         fmt = start.format if start else p.AudioFormat()
-        pcm = await recorded_audio(client, keys, old_sid, fmt.frame_bytes)  # BadInput when expired
+        pcm = await recorded_audio(
+            client, keys, old_sid, fmt.frame_bytes, fmt.silence_byte
+        )  # BadInput when expired
         try:
             options = validate_options(start.options if start else {})
         except p.ProtocolError as exc:

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from producer.options import install_extra_options, parse_extra_options
 from producer.secrets import check_url_password, redact
 
 DEEPGRAM_PRODUCTION_URL = "wss://api.deepgram.com"
@@ -73,6 +74,11 @@ class Settings(BaseSettings):
     read_interval_ms: float = Field(
         10.0, ge=0, le=100, description="at most one audio read per interval, so each read carries more"
     )
+    extra_options: str = Field(
+        "",
+        description="Deepgram options added to the allow-list, name:kind,... (kinds: bool, str, int, "
+        "str_list, bool_or_int); callback, callback_method and the format options are always refused",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     metrics_port: int | None = Field(None, ge=0, le=65535)
@@ -109,6 +115,16 @@ class Settings(BaseSettings):
         if not value or any(c in value for c in "{}: \t\r\n"):
             raise ValueError("must be non-empty, without braces, colons or whitespace")
         return value
+
+    @field_validator("extra_options")
+    @classmethod
+    def _extra_options(cls, value: str) -> str:
+        parse_extra_options(value)  # ValueError names the bad entry
+        return value
+
+    @property
+    def extra_options_map(self) -> dict[str, str]:
+        return parse_extra_options(self.extra_options)
 
     @model_validator(mode="after")
     def _renew_inside_lease(self) -> Settings:
@@ -156,4 +172,7 @@ def load_settings(**overrides: object) -> Settings:
             "DEEPGRAM_API_KEY is not set: set it to use Deepgram, or point VOXQUEUE_DEEPGRAM_URL "
             "at an emulator (voxqueue emulator)"
         )
+    # The allow-list extension applies process-wide: every place that checks a session's options
+    # (intake, the session runner, admin replay) then accepts the same names.
+    install_extra_options(settings.extra_options_map)
     return settings

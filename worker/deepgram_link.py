@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,11 +35,19 @@ class DeepgramLink:
         # The emulator accepts any key; the SDK insists on one, so give it a harmless placeholder.
         self.client = AsyncDeepgramClient(api_key=api_key or "voxqueue-emulator", environment=environment)
         self.connect_timeout = connect_timeout
+        self._known = frozenset(inspect.signature(self.client.listen.v1.connect).parameters) - {
+            "request_options",
+            "authorization",
+        }
 
     @contextlib.asynccontextmanager
     async def connect(self, options: dict[str, Any], fmt: AudioFormat) -> AsyncIterator[AsyncV1SocketClient]:
-        kwargs = connect_kwargs(options)
-        kwargs.update(encoding=fmt.encoding, sample_rate=str(fmt.sample_rate), channels=str(fmt.channels))
+        kwargs = connect_kwargs(options, fmt)
+        # Options the SDK has no keyword for (`no_delay`, a deployment's extra options) go on the
+        # query string as they are, through the SDK's documented additional_query_parameters.
+        extra = {k: kwargs.pop(k) for k in list(kwargs) if k not in self._known}
+        if extra:
+            kwargs["request_options"] = {"additional_query_parameters": extra}
         manager = self.client.listen.v1.connect(**kwargs)
         async with asyncio.timeout(self.connect_timeout):
             conn = await manager.__aenter__()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -53,6 +53,12 @@ class Results:
     from_finalize: bool | None
     channel: Channel
     metadata: ResultsMetadata | None
+    # [channel, channel count], as Deepgram sends it: [i, n] with multichannel, [0, 1] without.
+    channel_index: list[int] = field(default_factory=lambda: [0, 1])
+
+    @property
+    def channel_number(self) -> int:
+        return self.channel_index[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +70,13 @@ class Metadata:
 @dataclass(frozen=True, slots=True)
 class SpeechStarted:
     timestamp: float
+    channel: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass(frozen=True, slots=True)
 class UtteranceEnd:
     last_word_end: float
+    channel: list[int] = field(default_factory=lambda: [0, 1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,13 +155,30 @@ def _results(d: dict[str, Any]) -> Results:
         d.get("from_finalize"),
         Channel(alternatives),
         ResultsMetadata(meta["request_id"]) if meta else None,
+        _channel_index(d.get("channel_index", [0, 1]), 2),
     )
+
+
+MAX_CHANNELS = 16
+
+
+def _channel_index(value: Any, length: int) -> list[int]:
+    """`channel_index` ([i, n]) or `channel` ([i] or [i, n]): small non-negative integers, i < n."""
+    if not isinstance(value, list) or not 1 <= len(value) <= length:
+        raise TypeError("channel index is not a short list")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_CHANNELS for v in value):
+        raise ValueError("channel index holds something other than small integers")
+    if len(value) == 2 and value[0] >= value[1]:
+        raise ValueError("channel index is not below the channel count")
+    return list(value)
 
 
 _DECODERS: dict[str, Callable[[dict[str, Any]], Message]] = {
     "Results": _results,
     "Metadata": lambda d: Metadata(d["request_id"], float(d["duration"])),
-    "SpeechStarted": lambda d: SpeechStarted(_time(d["timestamp"])),
-    "UtteranceEnd": lambda d: UtteranceEnd(_time(d["last_word_end"])),
+    "SpeechStarted": lambda d: SpeechStarted(_time(d["timestamp"]), _channel_index(d.get("channel", [0]), 2)),
+    "UtteranceEnd": lambda d: UtteranceEnd(
+        _time(d["last_word_end"]), _channel_index(d.get("channel", [0, 1]), 2)
+    ),
     "Error": lambda d: ErrorMessage(str(d.get("variant", "")), str(d.get("description", ""))),
 }

@@ -23,6 +23,7 @@ class EventFactory:
     sid: str
     epoch: int
     ledger: FrameLedger
+    channels: int = 1
 
     def _base(self, kind: str, detail: str) -> dict[str, Any]:
         return {
@@ -34,7 +35,12 @@ class EventFactory:
             "epoch": self.epoch,
         }
 
-    def transcript(self, msg: Any, commit: Commit | None) -> dict[str, Any]:
+    def _detail(self, detail: str, channel: int) -> str:
+        """Event id detail: with several channels it names the channel, so each channel's final
+        (and each channel's speech_started) has an id of its own."""
+        return detail if self.channels == 1 else f"c{channel}/{detail}"
+
+    def transcript(self, msg: Any, commit: Commit | None, channel: int = 0) -> dict[str, Any]:
         """A `final` (with the frames it covers) or a `partial` from a Results message."""
         is_final = bool(msg.is_final)
         alt = msg.channel.alternatives[0] if msg.channel.alternatives else None
@@ -45,19 +51,32 @@ class EventFactory:
         else:
             seq_from = self.ledger.seq_at(msg.start)
             seq_to = max(seq_from, self.ledger.seq_at(msg.start + msg.duration) - 1)
+        words = [self._word(w) for w in alt.words] if alt else []
+        transcript = alt.transcript if alt else ""
+        if commit is not None and self.channels > 1:
+            # A channel that was ahead of the session's commit point hears, after a reconnect,
+            # frames whose words it published already: its final starts after its own mark, and
+            # only the words in [seq_from, seq_to] are this final's.
+            floor = round(seq_from * self.ledger.frame_seconds, 6)
+            if start < floor - 1e-6:
+                kept = [w for w in words if w["start"] >= floor - 1e-6]
+                if len(kept) != len(words):
+                    words = kept
+                    transcript = " ".join(w.get("punctuated_word") or w["word"] for w in kept)
+                start = floor
         kind = p.FINAL if is_final else p.PARTIAL
-        event = self._base(kind, f"{seq_from}-{seq_to}")
+        event = self._base(kind, self._detail(f"{seq_from}-{seq_to}", channel))
         event.update(
             start=start,
             end=end,
-            transcript=alt.transcript if alt else "",
+            transcript=transcript,
             confidence=float(alt.confidence) if alt else 0.0,
-            words=[self._word(w) for w in alt.words] if alt else [],
+            words=words,
             is_final=is_final,
             speech_final=bool(msg.speech_final),
             from_finalize=bool(msg.from_finalize),
             request_id=msg.metadata.request_id if msg.metadata else "",
-            channel=0,
+            channel=channel,
             seq_from=seq_from,
             seq_to=seq_to,
         )
@@ -78,14 +97,20 @@ class EventFactory:
 
     def speech_started(self, msg: Any, request_id: str) -> dict[str, Any]:
         start = self.ledger.session_time(msg.timestamp)
-        event = self._base(p.SPEECH_STARTED, str(self.ledger.seq_at(msg.timestamp)))
+        channel = _channel_of(msg) if self.channels > 1 else 0
+        event = self._base(p.SPEECH_STARTED, self._detail(str(self.ledger.seq_at(msg.timestamp)), channel))
         event.update(start=start, request_id=request_id)
+        if self.channels > 1:
+            event["channel"] = channel
         return event
 
     def utterance_end(self, msg: Any, request_id: str) -> dict[str, Any]:
         end = self.ledger.session_time(msg.last_word_end)
-        event = self._base(p.UTTERANCE_END, str(self.ledger.seq_at(msg.last_word_end)))
+        channel = _channel_of(msg) if self.channels > 1 else 0
+        event = self._base(p.UTTERANCE_END, self._detail(str(self.ledger.seq_at(msg.last_word_end)), channel))
         event.update(end=end, request_id=request_id)
+        if self.channels > 1:
+            event["channel"] = channel
         return event
 
     def session_started(self, start: p.SessionStart, worker: str) -> dict[str, Any]:
@@ -120,6 +145,11 @@ class EventFactory:
         event = self._base(p.ERROR, f"{code}/{self.epoch}.{ordinal}")
         event.update(code=code, message=message, fatal=fatal)
         return event
+
+
+def _channel_of(msg: Any) -> int:
+    channel = getattr(msg, "channel", None)
+    return channel[0] if isinstance(channel, list) and channel else 0
 
 
 def standalone_event(sid: str, kind: str, id_detail: str, **fields: Any) -> dict[str, Any]:

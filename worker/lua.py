@@ -129,17 +129,52 @@ return {verdict, epoch, committed,
 
 # KEYS: state, session results, partition results
 # ARGV: epoch, seq_to, last_id ('' = none), maxlen, publish ('1'/'0'), type, sid, text, e, seq_from
+#       [, channel, channels, session_seq]  (multichannel sessions only)
 # Publishes a final and acknowledges the frames it covers (moves the commit point) in one step.
 # Idempotent: a retry after an ambiguous failure (connection lost after sending) sees
 # committed_seq >= seq_to and does nothing. A final that does not start right after the commit
 # point ('stale': the caller's idea of the commit point is behind Redis, e.g. a commit whose reply
 # it never saw) is refused: publishing it would repeat words; the caller re-reads and replays.
+# Multichannel: the same rules per channel, on the channel's own mark `committed_seq:<channel>`
+# (a channel without one is at the session's point); the session's commit point `committed_seq`
+# (what a new owner replays from) is the minimum of the marks, and the caller must have computed
+# the same minimum (`session_seq`), or its view of the marks is not Redis's ('stale').
 COMMIT: Final = (
     _WRITABLE
     + """
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
 local committed = tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1')
 local seq_to = tonumber(ARGV[2])
+if ARGV[11] then
+  local channel, channels = tonumber(ARGV[11]), tonumber(ARGV[12])
+  local marks = {}
+  for c = 0, channels - 1 do
+    local m = tonumber(redis.call('HGET', KEYS[1], 'committed_seq:' .. c) or committed)
+    if m < committed then m = committed end
+    marks[c] = m
+  end
+  if marks[channel] >= seq_to then return 'dup' end
+  if marks[channel] ~= tonumber(ARGV[10]) - 1 then return 'stale' end
+  marks[channel] = seq_to
+  local low = seq_to
+  for c = 0, channels - 1 do
+    if marks[c] < low then low = marks[c] end
+  end
+  if low ~= tonumber(ARGV[13]) then return 'stale' end
+  if not writable({KEYS[2], KEYS[3]}) then return redis.error_reply(WRONGTYPE) end
+  if ARGV[5] == '1' then
+    local fields = {'type', ARGV[6], 'sid', ARGV[7], 'text', ARGV[8], 'e', ARGV[9]}
+    redis.call('XADD', KEYS[2], '*', unpack(fields))
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', unpack(fields))
+    redis.call('HINCRBY', KEYS[1], 'finals', 1)
+  end
+  redis.call('HSET', KEYS[1], 'committed_seq:' .. channel, seq_to)
+  if low > committed then
+    redis.call('HSET', KEYS[1], 'committed_seq', low, 'frames', low + 1)
+    if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'committed_id', ARGV[3]) end
+  end
+  return 'ok'
+end
 if committed >= seq_to then return 'dup' end
 if committed ~= tonumber(ARGV[10]) - 1 then return 'stale' end
 if not writable({KEYS[2], KEYS[3]}) then return redis.error_reply(WRONGTYPE) end

@@ -85,6 +85,8 @@ class Rules:
     backoff_initial: float = 0.2
     backoff_max: float = 10.0
     send_interval: float = 0.0  # seconds: hold live frames this long to send fewer, larger messages
+    channels: int = 1  # 2: Deepgram finalizes each channel on its own (per-channel commit marks)
+    silence_byte: int = 0  # what fills a gap: 0 in linear16, 0xFF in μ-law, 0xD5 in A-law
 
     @classmethod
     def from_settings(cls, settings: Any, fmt: p.AudioFormat) -> Rules:
@@ -103,6 +105,8 @@ class Rules:
             backoff_initial=settings.backoff_initial,
             backoff_max=settings.backoff_max,
             send_interval=settings.send_interval_ms / 1000,
+            channels=fmt.channels,
+            silence_byte=fmt.silence_byte,
         )
 
 
@@ -114,6 +118,7 @@ class Resume:
     committed_seq: int = -1
     committed_id: bytes = b"0-0"
     finals: int = 0
+    marks: tuple[int, ...] = ()  # per channel (multichannel): each channel's last committed frame
 
 
 # -------------------------------------------------------------------------------------- actions
@@ -180,6 +185,12 @@ class KeepAlive:
 
 
 @dataclass(frozen=True, slots=True)
+class Finalize:
+    """Send Deepgram's Finalize (a producer's `finalize` entry): the audio sent so far comes back
+    as finals now, flagged from_finalize. Comes after the Sends of the frames before the entry."""
+
+
+@dataclass(frozen=True, slots=True)
 class CloseInput:
     """No more audio: Finalize, CloseStream, then read until the server closes (feed `closed`)."""
 
@@ -233,6 +244,7 @@ Action = (
     | Follow
     | Send
     | KeepAlive
+    | Finalize
     | CloseInput
     | Abort
     | Reconnect
@@ -288,6 +300,7 @@ class SessionMachine:
     closing: _Closing | None = None
     closing_since: float = 0.0
     next_send_at: float = 0.0  # with a send interval: when live frames may next be taken
+    finalized_at: int = -1  # ledger.next_seq when Finalize was last sent on this connection
     request_id: str = ""
     commit_point_fresh: bool = False  # read from Redis since the last connection ended
     pacer: CatchupPacer = field(init=False)
@@ -297,14 +310,20 @@ class SessionMachine:
 
     def __post_init__(self) -> None:
         r = self.rules
-        self.ledger = FrameLedger.resume(self.resume.committed_seq, self.resume.committed_id, r.frame_seconds)
-        self.events = EventFactory(self.sid, self.resume.epoch, self.ledger)
+        self.ledger = FrameLedger.resume(
+            self.resume.committed_seq,
+            self.resume.committed_id,
+            r.frame_seconds,
+            r.channels,
+            list(self.resume.marks),
+        )
+        self.events = EventFactory(self.sid, self.resume.epoch, self.ledger, r.channels)
         self.finals = self.resume.finals
         self.last_read_id = self.ledger.committed_id
         self.pacer = CatchupPacer(r.catchup_speed, r.catchup_burst_seconds)
         self.clock = LinkClock(r.keepalive_seconds, r.stall_seconds)
         self.backoff = Backoff(r.backoff_initial, r.backoff_max, rng=self.rng)
-        self.silence = bytes(r.frame_bytes)
+        self.silence = bytes([r.silence_byte]) * r.frame_bytes
 
     @property
     def epoch(self) -> int:
@@ -337,10 +356,13 @@ class SessionMachine:
         self.phase = Phase.CONNECTING
         return [Publish(started, once=STARTED_FLAG), Connect()]
 
-    def commit_point(self, seq: int, entry_id: bytes, finals: int | None = None) -> list[Note]:
+    def commit_point(
+        self, seq: int, entry_id: bytes, finals: int | None = None, marks: list[int] | None = None
+    ) -> list[Note]:
         """Redis's commit point, read just before a connection opens. Redis is the authority:
         ahead of us (a commit whose reply was lost) or behind (Redis lost its last writes), it is
-        adopted, and the next connection replays from it."""
+        adopted, and the next connection replays from it. With several channels, `marks` are each
+        channel's committed marks as Redis has them (adopted the same way)."""
         self._expect(Phase.CONNECTING)
         self.commit_point_fresh = True
         ledger = self.ledger
@@ -358,6 +380,8 @@ class SessionMachine:
                 )
             )
         ledger.committed_seq, ledger.committed_id = seq, entry_id
+        if self.rules.channels > 1:
+            ledger.adopt_marks(seq, marks or [], self.rules.channels)
         if finals is not None:
             self.finals = finals
         return notes
@@ -374,6 +398,7 @@ class SessionMachine:
         self.clock.start(now)
         self.replies = 0
         self.request_id = request_id
+        self.finalized_at = -1
         if self.closing is not None:
             # Input had already stopped (end marker, fatal input) when the connection failed:
             # replay up to the same point and close again. The catch-up read finds that point.
@@ -476,6 +501,16 @@ class SessionMachine:
                 item = decode_audio_entry(fields, rules.frame_bytes)
             except p.ProtocolError as exc:
                 actions.append(self._reject(entry_id, exc.code, str(exc)))
+                continue
+            if isinstance(item, p.FinalizeMarker):
+                # Only when frames went out since the last one: a burst of finalize entries (or
+                # one with nothing before it) costs Deepgram nothing. A replay re-sends it, and
+                # the finals that answer are committed like any other.
+                if ledger.next_seq != self.finalized_at and ledger.next_seq > ledger.connection_base_seq:
+                    self._flush(batch, now, actions)
+                    batch = []
+                    self.finalized_at = ledger.next_seq
+                    actions.append(Finalize())
                 continue
             if isinstance(item, p.EndMarker):
                 self.end_seen = True
@@ -633,15 +668,21 @@ class SessionMachine:
             if msg.metadata is not None:
                 self.request_id = msg.metadata.request_id
             alts = msg.channel.alternatives
+            # One channel: whatever channel_index says. Several: each channel commits on its own.
+            channel = msg.channel_number if self.rules.channels > 1 else 0
+            if channel >= self.rules.channels:
+                return [Note("unknown_channel", "warning", {"channel_index": msg.channel_index})]
             if msg.is_final:
-                commit = self.ledger.coverage(msg.start, msg.duration)
+                commit = self.ledger.channel_coverage(channel, msg.start, msg.duration)
                 if commit is None:
                     return []
                 has_words = bool(alts and alts[0].transcript)
-                event = self.events.transcript(msg, commit) if has_words else None
+                event = self.events.transcript(msg, commit, channel) if has_words else None
+                if event is not None and not event["words"] and not event["transcript"]:
+                    event = None  # every word of it was published already (a channel replaying)
                 return [CommitFinal(commit, event)]
             if alts and alts[0].transcript:
-                return [Publish(self.events.transcript(msg, None))]
+                return [Publish(self.events.transcript(msg, None, channel))]
             return []
         if isinstance(msg, dm.SpeechStarted):
             return [Publish(self.events.speech_started(msg, self.request_id))]
@@ -782,7 +823,7 @@ class SessionMachine:
 # ------------------------------------------------------------------------------------ decoding
 
 
-def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> p.Frame | p.EndMarker:
+def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> p.Frame | p.EndMarker | p.FinalizeMarker:
     """producer.protocol's decoder, with any unexpected exception turned into a rejection of that
     one entry: nothing a producer writes may stop a session, let alone a worker."""
     try:

@@ -164,7 +164,13 @@ class SessionRunner:
         seq, entry, finals = await self._retry_redis(
             lambda: self.ctx.store.commit_point(self.keys, self.epoch)
         )
-        for note in machine.commit_point(seq, entry, finals):
+        channels = machine.rules.channels
+        marks: list[int] | None = None
+        if channels > 1:
+            marks = await self._retry_redis(
+                lambda: self.ctx.store.channel_marks(self.keys, self.epoch, channels)
+            )
+        for note in machine.commit_point(seq, entry, finals, marks):
             self._note(note)
         self.ctx.reader.unfollow(self.keys.audio)
         self.inbox.reset()
@@ -211,6 +217,8 @@ class SessionRunner:
                         self.ctx.reader.follow(self.keys.audio, self.inbox, action.after, self.send_inline)
                     elif isinstance(action, sm.KeepAlive):
                         await conn.send_keep_alive()
+                    elif isinstance(action, sm.Finalize):
+                        await conn.send_finalize()
                     elif isinstance(action, sm.CloseInput):
                         self.ctx.reader.unfollow(self.keys.audio)
                         await conn.send_finalize()
@@ -328,9 +336,17 @@ class SessionRunner:
             self.inbox.wake()
 
     async def _commit(self, action: sm.CommitFinal) -> None:
-        result = await self._retry_redis(
-            lambda: self.ctx.store.commit(self.keys, self.epoch, action.commit, action.event)
-        )
+        channels = self.machine.rules.channels
+        if channels > 1:
+            result = await self._retry_redis(
+                lambda: self.ctx.store.commit_channel(
+                    self.keys, self.epoch, action.commit, action.event, channels
+                )
+            )
+        else:
+            result = await self._retry_redis(
+                lambda: self.ctx.store.commit(self.keys, self.epoch, action.commit, action.event)
+            )
         finals_before = self.machine.finals
         for after in self.machine.commit_result(action, result):
             if isinstance(after, sm.Abort):

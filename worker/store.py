@@ -335,6 +335,47 @@ class SessionStore:
         """Drops entries below the oldest pending or undelivered one (lua.TRIM_SESSIONS)."""
         return int(await self._trim(keys=[sessions_key]))
 
+    # ----------------------------------------------------------------------------- multichannel
+
+    async def channel_marks(self, sk: p.SessionKeys, epoch: int, channels: int) -> list[int]:
+        """Each channel's committed mark (`committed_seq:<c>`), -1 where a channel has none yet
+        (the machine then takes the session's commit point). Fenced like `commit_point`."""
+        names = ["epoch", *(f"committed_seq:{c}" for c in range(channels))]
+        epoch_now, *marks = await self.redis.hmget(sk.state, names)
+        if epoch_now is None:
+            raise await self.fenced(sk)
+        if int(epoch_now) != epoch:
+            raise Fenced(sk.sid)
+        return [int(m) if m is not None else -1 for m in marks]
+
+    async def commit_channel(
+        self, sk: p.SessionKeys, epoch: int, commit: Commit, event: dict[str, Any] | None, channels: int
+    ) -> str:
+        """`commit` of one channel's final in a multichannel session (lua.COMMIT's channel form):
+        the channel's mark moves to seq_to, the session's commit point to the minimum of the marks."""
+        fields = p.encode_event(event) if event else {"type": "", "sid": "", "text": "", "e": b""}
+        args: list[Any] = [
+            epoch,
+            commit.seq_to,
+            commit.last_entry_id or b"",
+            self.maxlen,
+            "1" if event else "0",
+            fields[p.R_TYPE],
+            fields[p.R_SID],
+            fields[p.R_TEXT],
+            fields[p.R_EVENT],
+            commit.seq_from,
+            commit.channel,
+            channels,
+            commit.session_point,
+        ]
+        result = _s(await self._commit(keys=[sk.state, sk.results, sk.partition_results], args=args))
+        if result == "fenced":
+            raise await self.fenced(sk)
+        if result == "stale":
+            raise StaleCommitPoint(sk.sid)
+        return result
+
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)

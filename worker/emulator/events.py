@@ -14,8 +14,12 @@ from typing import NamedTuple, Protocol
 FRAME_MS = 20
 
 
-def frame_bytes_for(sample_rate: int, channels: int) -> int:
-    return sample_rate * channels * 2 * FRAME_MS // 1000
+# Bytes per sample of each encoding the engines decode (docs/protocol.md, formats).
+SAMPLE_WIDTH = {"linear16": 2, "mulaw": 1, "alaw": 1}
+
+
+def frame_bytes_for(sample_rate: int, channels: int, sample_width: int = 2) -> int:
+    return sample_rate * channels * sample_width * FRAME_MS // 1000
 
 
 def seconds(value: float) -> float:
@@ -56,7 +60,15 @@ class UtteranceEnd:
     last_word_end: float
 
 
-Event = Transcript | SpeechStarted | UtteranceEnd
+@dataclass(frozen=True, slots=True)
+class ChannelTagged:
+    """An event of one channel of a multichannel connection (`channels.ChannelSplitter`)."""
+
+    channel: int
+    event: Transcript | SpeechStarted | UtteranceEnd
+
+
+Event = Transcript | SpeechStarted | UtteranceEnd | ChannelTagged
 
 
 class BadAudio(Exception):

@@ -3,7 +3,13 @@
 Audio is cut into consecutive 20 ms frames counted from the connection's first byte (a partial
 frame waits for the rest of its bytes in the next message). A frame that starts with b"VQMK" and a
 little-endian uint32 `n` is heard as the word `f<n>` at that frame's position on the connection;
-every other frame is silence. Bytes 8..16 of a marker frame may carry the producer's
+every other frame is silence. The marker is read from the bytes as they are on the wire, whatever
+the encoding: a μ-law/A-law frame (160 bytes at 8 kHz) carries it in its encoded payload, a linear16
+frame in its first samples. With `multichannel=true` each channel is its own marker stream
+(`channels.ChannelSplitter` de-interleaves the samples and runs one engine per channel), so a
+2-channel frame carries one marker per channel, interleaved sample by sample
+(`producer.audio.format_marker_frame` builds such frames); without multichannel the interleaved
+frame is read as one. Bytes 8..16 of a marker frame may carry the producer's
 `time.time_ns()` (0 = absent), from which the arrival lag is measured. A frame starting with
 b"VQBADAUD" is undecodable audio. The layout matches `producer.audio.marker_frame`.
 
@@ -50,16 +56,17 @@ class MarkerEngine:
         *,
         sample_rate: int = 16000,
         channels: int = 1,
+        sample_width: int = 2,
         interim_results: bool = False,
         vad_events: bool = False,
         utterance_end_ms: int | None = None,
         endpointing_ms: int | None = None,
         final_every: float = 0.5,
     ) -> None:
-        self.frame_bytes = frame_bytes_for(sample_rate, channels)
+        self.frame_bytes = frame_bytes_for(sample_rate, channels, sample_width)
         if self.frame_bytes < 16:
             raise ValueError("sample rate too low for marker frames")
-        self._bytes_per_second = sample_rate * channels * 2
+        self._bytes_per_second = sample_rate * channels * sample_width
         self._final_frames = max(1, round(final_every * 1000 / FRAME_MS))
         self._interim = interim_results
         self._vad = vad_events

@@ -32,9 +32,14 @@ def created_now() -> str:
 class Renderer:
     """Renders the messages of one connection."""
 
-    def __init__(self, *, request_id: str, model: str, engine: str, channels: int = 1) -> None:
+    def __init__(
+        self, *, request_id: str, model: str, engine: str, channels: int = 1, multichannel: bool = False
+    ) -> None:
         self.request_id = request_id
         self.channels = channels
+        # Deepgram's channel_index is [channel, channel count] with multichannel, and [0, 1]
+        # without it (the channels are transcribed as one).
+        self.result_channels = channels if multichannel else 1
         self.created = created_now()
         self.model_uuid = model_uuid(model, engine)
         # Say plainly that this is the emulator: a transcript in a log must never pass for Deepgram's.
@@ -43,7 +48,7 @@ class Renderer:
             {"request_id": request_id, "model_info": self.model_info, "model_uuid": self.model_uuid}
         )
 
-    def results(self, t: Transcript) -> str:
+    def results(self, t: Transcript, channel: int = 0) -> str:
         # Built by string formatting, not json.dumps of nested dicts: a final of 25 words renders
         # about 3x faster, and at hundreds of connections results are the bulk of the output. Strings
         # go through the C JSON string encoder and floats through repr(), which is valid JSON.
@@ -60,18 +65,25 @@ class Renderer:
         # Deepgram adds from_finalize only to the result that answers a Finalize.
         tail = ',"from_finalize":true}' if t.from_finalize else "}"
         return (
-            f'{{"type":"Results","channel_index":[0,1],"duration":{float(t.duration)!r},'
+            f'{{"type":"Results","channel_index":[{channel},{self.result_channels}],'
+            f'"duration":{float(t.duration)!r},'
             f'"start":{float(t.start)!r},"is_final":{_BOOL[t.is_final]},'
             f'"speech_final":{_BOOL[t.speech_final]},"channel":{{"alternatives":[{{'
             f'"transcript":{q(transcript)},"confidence":{float(confidence)!r},"words":[{words}]}}]}},'
             f'"metadata":{self._metadata_json}{tail}'
         )
 
-    def speech_started(self, e: SpeechStarted) -> str:
-        return _dumps({"type": "SpeechStarted", "channel": [0], "timestamp": e.timestamp})
+    def speech_started(self, e: SpeechStarted, channel: int = 0) -> str:
+        return _dumps({"type": "SpeechStarted", "channel": [channel], "timestamp": e.timestamp})
 
-    def utterance_end(self, e: UtteranceEnd) -> str:
-        return _dumps({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": e.last_word_end})
+    def utterance_end(self, e: UtteranceEnd, channel: int = 0) -> str:
+        return _dumps(
+            {
+                "type": "UtteranceEnd",
+                "channel": [channel, self.result_channels],
+                "last_word_end": e.last_word_end,
+            }
+        )
 
     def metadata(self, duration: float) -> str:
         # Deepgram's sha256 is of the audio; hashing every frame would cost CPU on the hot path for a

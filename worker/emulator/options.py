@@ -3,14 +3,17 @@
 Lenient where Deepgram is lenient (a missing model, sample rate or channel count gets Deepgram's
 default; unknown parameters are kept and ignored) and strict where a typo would otherwise go
 unnoticed: a malformed boolean or number is an HTTP 400 at the handshake, as Deepgram answers.
-A missing or non-linear16 encoding is accepted at the handshake but the first audio is then
-undecodable (close 1008), which is what happens to raw PCM sent to Deepgram without `encoding`.
+A missing or unknown encoding is accepted at the handshake but the first audio is then undecodable
+(close 1008), which is what happens to raw PCM sent to Deepgram without `encoding`. linear16, mulaw
+and alaw are decoded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
+
+from .events import SAMPLE_WIDTH
 
 DEFAULT_MODEL = "base"  # Deepgram's documented default when `model` is omitted
 DEFAULT_ENDPOINTING_MS = 10  # what `endpointing=true` means on Deepgram
@@ -45,6 +48,7 @@ class ListenOptions:
     encoding: str | None = None
     sample_rate: int = 16000
     channels: int = 1
+    multichannel: bool = False
     interim_results: bool = False
     vad_events: bool = False
     utterance_end_ms: int | None = None
@@ -56,8 +60,12 @@ class ListenOptions:
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
-    def linear16(self) -> bool:
-        return self.encoding == "linear16"
+    def decodable(self) -> bool:
+        return self.encoding in SAMPLE_WIDTH
+
+    @property
+    def sample_width(self) -> int:
+        return SAMPLE_WIDTH.get(self.encoding or "", 2)
 
     @classmethod
     def from_query(cls, query: str) -> ListenOptions:
@@ -72,7 +80,7 @@ class ListenOptions:
                 known["sample_rate"] = _int(name, value, 8000, 192000)
             elif name == "channels":
                 known["channels"] = _int(name, value, 1, 16)
-            elif name in ("interim_results", "vad_events", "punctuate", "smart_format"):
+            elif name in ("interim_results", "vad_events", "punctuate", "smart_format", "multichannel"):
                 known[name] = _bool(name, value)
             elif name == "utterance_end_ms":
                 known[name] = _int(name, value, 1, 600_000)

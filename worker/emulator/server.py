@@ -35,6 +35,7 @@ Compression is off: permessage-deflate would cost CPU per 640-byte frame for not
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -45,6 +46,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from .channels import ChannelSplitter
 from .events import Engine, frame_bytes_for
 from .faults import FaultInjector, FaultPlan, FaultPlanError, handshake_error
 from .marker import MarkerEngine
@@ -275,6 +277,10 @@ class EmulatorServer:
     # ------------------------------------------------------------------------------ connections
 
     def _make_engine(self, o: ListenOptions) -> Engine:
+        if o.multichannel and o.channels > 1:
+            # Deepgram transcribes each channel on its own: one engine per channel.
+            mono = dataclasses.replace(o, channels=1, multichannel=False)
+            return ChannelSplitter([self._make_engine(mono) for _ in range(o.channels)], o.sample_width)
         common: dict[str, Any] = {
             "sample_rate": o.sample_rate,
             "channels": o.channels,
@@ -285,8 +291,8 @@ class EmulatorServer:
             "final_every": self.final_every,
         }
         if self.engine == "speech":
-            return SpeechEngine(punctuate=o.punctuate or o.smart_format, **common)
-        return MarkerEngine(**common)
+            return SpeechEngine(punctuate=o.punctuate or o.smart_format, encoding=o.encoding or "", **common)
+        return MarkerEngine(sample_width=o.sample_width, **common)
 
     async def _handler(self, connection: ServerConnection) -> None:
         options = self._accepted.pop(connection, None)
@@ -313,9 +319,10 @@ class EmulatorServer:
                 model=options.model,
                 engine=self.engine,
                 channels=options.channels,
+                multichannel=options.multichannel,
             ),
-            frame_bytes=frame_bytes_for(options.sample_rate, options.channels),
-            linear16=options.linear16,
+            frame_bytes=frame_bytes_for(options.sample_rate, options.channels, options.sample_width),
+            decodable=options.decodable,
             faults=self.faults.for_connection(),
             injector=self.faults,
             stats=self.stats,

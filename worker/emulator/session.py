@@ -19,7 +19,7 @@ from typing import Any, Final
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from .events import BadAudio, Engine, Event, SpeechStarted, Transcript, UtteranceEnd
+from .events import BadAudio, ChannelTagged, Engine, Event, SpeechStarted, Transcript, UtteranceEnd
 from .faults import DROP_REASON, FAIL_REASON, ConnectionFaults, FaultInjector
 from .messages import Renderer
 from .stats import EmulatorStats
@@ -32,7 +32,9 @@ TIMEOUT_REASON: Final = (
     "NET-0001: Deepgram did not receive audio data or a text message within the timeout window. "
     "See https://dpgr.am/net0001"
 )
-UNSUPPORTED_ENCODING: Final = "DATA-0000: could not process audio: only encoding=linear16 is decoded"
+UNSUPPORTED_ENCODING: Final = (
+    "DATA-0000: could not process audio: only encoding=linear16, mulaw and alaw are decoded"
+)
 INTERNAL_REASON: Final = "NET-0000: The service has encountered an internal error."
 _CLOSE: Final = object()  # outbox sentinel: close after everything queued before it
 
@@ -45,7 +47,7 @@ class Session:
         engine: Engine,
         renderer: Renderer,
         frame_bytes: int,
-        linear16: bool,
+        decodable: bool,
         faults: ConnectionFaults,
         injector: FaultInjector,
         stats: EmulatorStats,
@@ -55,7 +57,7 @@ class Session:
         self._engine = engine
         self._renderer = renderer
         self._frame_bytes = frame_bytes
-        self._linear16 = linear16
+        self._decodable = decodable
         self._injector = injector
         self._stats = stats
         self._clock = clock
@@ -124,7 +126,7 @@ class Session:
                 continue
             if self.stalled:
                 continue
-            if not self._linear16:
+            if not self._decodable:
                 await self._close(1008, UNSUPPORTED_ENCODING)
                 return
             try:
@@ -207,19 +209,23 @@ class Session:
     async def _send_events(self, events: list[Event]) -> None:
         r = self._renderer
         stats = self._stats
-        for e in events:
+        for tagged in events:
+            channel = 0
+            e = tagged
+            if isinstance(tagged, ChannelTagged):
+                channel, e = tagged.channel, tagged.event
             if isinstance(e, Transcript):
                 if e.is_final:
                     stats.finals_sent += 1
                 else:
                     stats.interims_sent += 1
-                await self._send(r.results(e), "Results")
-                if e.is_final:
+                await self._send(r.results(e, channel), "Results")
+                if e.is_final and channel == 0:
                     stats.record_final(r.request_id, e.start + e.duration)
             elif isinstance(e, SpeechStarted):
-                await self._send(r.speech_started(e), "SpeechStarted")
+                await self._send(r.speech_started(e, channel), "SpeechStarted")
             elif isinstance(e, UtteranceEnd):
-                await self._send(r.utterance_end(e), "UtteranceEnd")
+                await self._send(r.utterance_end(e, channel), "UtteranceEnd")
 
     async def _send(self, text: str, kind: str) -> None:
         if self.stalled or self.closing:

@@ -17,10 +17,12 @@ speech regions it finds through a `Decoder`. A region is one utterance:
 While nothing is said, an empty final covers the silence every `final_every` seconds, as Deepgram
 keeps answering during silence, so a client can acknowledge silent audio too.
 
-Accuracy is that of a small 2016-era model: plausible words, not Deepgram quality. Input must be
-linear16 at 8, 16, 32 or 48 kHz (converted to 16 kHz mono here); other rates are refused as
-undecodable. pocketsphinx is optional (`pip install 'voxqueue[speech]'`): `speech_available()`
-says whether this engine can run. Decoding is CPU work: the server calls `feed` in a thread.
+Accuracy is that of a small 2016-era model: plausible words, not Deepgram quality. Input is
+linear16 at 8, 16, 24, 32, 44.1 or 48 kHz, or μ-law/A-law at 8 kHz (decoded by `g711`), any channel
+count, converted to 16 kHz mono here (integer ratios by averaging, 24 and 44.1 kHz by linear
+interpolation); other rates are refused as undecodable. pocketsphinx is optional
+(`pip install 'voxqueue[speech]'`): `speech_available()` says whether this engine can run.
+Decoding is CPU work: the server calls `feed` in a thread.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import threading
 from array import array
 from typing import Any, Final
 
+from . import g711
 from .events import BadAudio, Event, SpeechStarted, Transcript, UtteranceEnd, Word, seconds
 
 try:  # optional dependency
@@ -38,7 +41,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     Decoder = Endpointer = None
 
 RATE: Final = 16000
-SUPPORTED_RATES: Final = (8000, 16000, 32000, 48000)
+SUPPORTED_RATES: Final = (8000, 16000, 24000, 32000, 44100, 48000)
 MAX_UTTERANCE_S: Final = 10.0
 # Most audio, in seconds, that may go by in speech without any message (see the module docstring).
 # The worst gap a client sees is this plus the endpointer's window (<= 2 s) before speech is
@@ -88,21 +91,29 @@ class _ToMono16k:
     Averaging neighbours is a crude low-pass, enough for a recogniser that looks at 8 kHz of band.
     """
 
-    def __init__(self, sample_rate: int, channels: int) -> None:
+    def __init__(self, sample_rate: int, channels: int, encoding: str = "linear16") -> None:
         if sample_rate not in SUPPORTED_RATES:
             raise BadAudio(
                 f"DATA-0000: could not process audio: the speech engine takes {SUPPORTED_RATES} Hz,"
                 f" not {sample_rate}"
             )
-        self.passthrough = sample_rate == RATE and channels == 1
+        self._g711 = encoding if encoding in ("mulaw", "alaw") else ""
+        self.passthrough = sample_rate == RATE and channels == 1 and not self._g711
         self._channels = channels
-        self._down = max(1, sample_rate // RATE)
-        self._up = RATE // sample_rate if sample_rate < RATE else 1
+        # Integer ratios (8, 32, 48 kHz) average or interpolate exactly; 24 and 44.1 kHz are first
+        # brought to mono at their own rate, then resampled by linear interpolation (`_step`).
+        integer = sample_rate % RATE == 0 or RATE % sample_rate == 0
+        self._step = 0.0 if integer else sample_rate / RATE
+        self._pos = 0.0  # fractional input position of the next output sample (non-integer ratios)
+        self._down = max(1, sample_rate // RATE) if integer else 1
+        self._up = RATE // sample_rate if integer and sample_rate < RATE else 1
         self._block = 2 * channels * self._down
         self._rest = b""
         self._last = 0  # previous output sample, for interpolation when upsampling
 
     def convert(self, data: bytes) -> bytes:
+        if self._g711:
+            data = g711.decode(self._g711, data)
         if self.passthrough:
             return data
         data = self._rest + data
@@ -121,10 +132,28 @@ class _ToMono16k:
                 prev = s
             self._last = prev
             mono = out
+        if self._step:
+            mono = self._resample(mono)
         result = array("h", mono)
         if sys.byteorder == "big":
             result.byteswap()
         return result.tobytes()
+
+    def _resample(self, mono: list[int]) -> list[int]:
+        """Linear interpolation at a fractional ratio, continuing across calls: `_last` is the
+        sample before `mono[0]` (index -1), `_pos` the next output position from there."""
+        src = [self._last, *mono]
+        out: list[int] = []
+        pos, step = self._pos, self._step
+        limit = len(src) - 1
+        while pos < limit:
+            i = int(pos)
+            frac = pos - i
+            out.append(int(src[i] + (src[i + 1] - src[i]) * frac))
+            pos += step
+        self._pos = pos - len(mono)
+        self._last = src[-1]
+        return out
 
 
 class SpeechEngine:
@@ -141,15 +170,16 @@ class SpeechEngine:
         endpointing_ms: int | None = None,
         final_every: float = 0.5,
         punctuate: bool = False,
+        encoding: str = "linear16",
     ) -> None:
         if not speech_available():
             raise RuntimeError("the speech engine needs pocketsphinx: pip install 'voxqueue[speech]'")
         self._bad_format: BadAudio | None = None
         try:
-            self._conv: _ToMono16k | None = _ToMono16k(sample_rate, channels)
+            self._conv: _ToMono16k | None = _ToMono16k(sample_rate, channels, encoding)
         except BadAudio as exc:
             self._conv, self._bad_format = None, exc  # refused at the first audio, like Deepgram
-        self._bytes_per_second = sample_rate * channels * 2
+        self._bytes_per_second = sample_rate * channels * (1 if encoding in ("mulaw", "alaw") else 2)
         self._interim = interim_results
         self._vad = vad_events
         self._ue_s = utterance_end_ms / 1000 if utterance_end_ms else 0.0
