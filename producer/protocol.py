@@ -145,6 +145,12 @@ class Keys:
         the whole deployment, read rarely."""
         return f"{self.namespace}:deployment"
 
+    def epochs(self, partition: int) -> str:
+        """The partition's fencing-token counter (workers only): every epoch any session of the
+        partition gets is drawn from it, so an epoch is never handed out twice, even when a session's
+        state hash vanished and was made anew."""
+        return f"{self.tag(partition)}:epochs"
+
     def session(self, sid: str) -> SessionKeys:
         return self.session_in(sid, self.partition(sid))
 
@@ -161,6 +167,7 @@ class Keys:
             sessions=self.sessions(p),
             partition_results=self.results(p),
             dead=self.dead(p),
+            epochs=self.epochs(p),
         )
 
     def all_sessions(self) -> list[str]:
@@ -180,6 +187,7 @@ class SessionKeys:
     sessions: str
     partition_results: str
     dead: str
+    epochs: str = ""
 
 
 class ProtocolError(ValueError):

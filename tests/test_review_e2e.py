@@ -151,17 +151,6 @@ async def test_a_reused_sid_is_reported_while_its_session_runs_on_this_worker() 
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: lua.ACQUIRE numbers epochs with HINCRBY on the state hash, so a state hash that "
-        "vanished (evicted: the case docs/protocol.md 'When Redis loses a session' says a takeover "
-        "recovers from) restarts at epoch 1, the epoch the first owner held: a first owner that was "
-        "frozen meanwhile passes every fenced script again, next to the new owner. A fencing token "
-        "that never repeats needs a counter outside the state hash (e.g. NS:{pN}:epochs, HINCRBY "
-        "per sid, or INCR of a partition-wide key)"
-    ),
-)
 async def test_an_epoch_is_never_handed_out_twice_even_after_the_state_vanished(
     redis_client: aioredis.Redis,
 ) -> None:

@@ -80,6 +80,59 @@ def test_a_final_never_commits_frames_that_are_queued_but_not_yet_sent() -> None
 # ------------------------------------------------------------------------- finals exactly once
 
 
+def test_finals_out_of_order_are_noted_not_silently_dropped() -> None:
+    """Deepgram's finals come in order; one that arrives after a later one covers nothing new and
+    cannot be committed exactly once: its words are dropped with a Note (logged), never silently."""
+    m = live_machine()
+    m.live([entry(n) for n in range(100)], 0.0)
+    published: list[str] = []
+    notes: list[str] = []
+    for msg in (final(1.0, 1.0, [("second", 1.0)]), final(0.0, 1.0, [("first", 0.0)])):
+        actions = m.message(msg, 0.1)
+        notes += [n.what for n in of(sm.Note, actions)]
+        for c in of(sm.CommitFinal, actions):
+            if c.event is not None:
+                published += [w["word"] for w in c.event["words"]]
+            m.commit_result(c, "ok")
+    assert published == ["second"] and notes == ["final_covers_nothing_new"]
+
+
+def test_a_zero_duration_final_with_words_is_noted() -> None:
+    m = live_machine()
+    m.live([entry(n) for n in range(100)], 0.0)
+    (c,) = of(sm.CommitFinal, m.message(final(0.0, 1.0, [("a", 0.0)]), 0.1))
+    m.commit_result(c, "ok")
+    (note,) = m.message(final(1.0, 0.0, [("b", 1.0)]), 0.2)
+    assert isinstance(note, sm.Note) and note.what == "final_covers_nothing_new"
+    assert note.fields["committed_seq"] == 49
+
+
+def test_overlapping_final_is_published_once_from_the_commit_point() -> None:
+    """Pinned: a final overlapping the previous one commits only the new frames (its id names
+    them), so a replay of the overlap never publishes the old frames twice."""
+    m = live_machine()
+    m.live([entry(n) for n in range(100)], 0.0)
+    (c,) = of(sm.CommitFinal, m.message(final(0.0, 1.0, [("a", 0.0)]), 0.1))
+    m.commit_result(c, "ok")
+    (c2,) = of(sm.CommitFinal, m.message(final(0.5, 1.0, [("b", 1.2)]), 0.2))
+    assert (c2.commit.seq_from, c2.commit.seq_to) == (50, 74)
+    assert c2.event is not None and c2.event["id"] == "s1/final/50-74"
+
+
+def test_a_final_past_everything_sent_live_covers_only_what_was_sent() -> None:
+    """Pinned: on the live path (frames handed to the socket as they are recorded) an over-long
+    final is capped at the last frame sent and the rest is committed by a later final."""
+    m = live_machine()
+    m.live([entry(n) for n in range(10)], 0.0)
+    (c,) = of(sm.CommitFinal, m.message(final(0.0, 5.0, [("a", 0.0)]), 0.1))
+    assert (c.commit.seq_from, c.commit.seq_to, c.commit.last_entry_id) == (0, 9, eid(9))
+    m.commit_result(c, "ok")
+    m.live([entry(n) for n in range(10, 15)], 0.2)
+    # The next final starts where Deepgram thinks the last one ended: still after frame 9.
+    (c2,) = of(sm.CommitFinal, m.message(final(5.0, 0.1, [("b", 5.0)]), 0.3))
+    assert (c2.commit.seq_from, c2.commit.seq_to) == (10, 14)
+
+
 def test_session_ended_counts_a_final_whose_commit_reply_was_lost() -> None:
     m = live_machine()
     m.live([entry(n) for n in range(5)] + [end_entry(5)], 0.0)

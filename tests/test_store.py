@@ -86,13 +86,14 @@ async def test_renew_reports_lost_leases_and_release_hands_over(redis: aioredis.
     store = store_for(redis)
     e1, e2 = await start_session(redis, "a"), await start_session(redis, "b")
     a, b = KEYS.session("a"), KEYS.session("b")
-    await store.acquire(a, "w1", 5, e1)
-    await store.acquire(b, "w1", 5, e2)
-    assert await store.renew(KEYS.sessions(0), "w1", [(a.state, e1, 1), (b.state, e2, 1)]) == []
+    ea = (await store.acquire(a, "w1", 5, e1)).epoch
+    eb = (await store.acquire(b, "w1", 5, e2)).epoch
+    assert ea != eb  # epochs come from the partition's counter: never handed out twice
+    assert await store.renew(KEYS.sessions(0), "w1", [(a.state, e1, ea), (b.state, e2, eb)]) == []
     await store.acquire(b, "w2", 5, e2)  # someone else took b
-    assert await store.renew(KEYS.sessions(0), "w1", [(a.state, e1, 1), (b.state, e2, 1)]) == [1]
+    assert await store.renew(KEYS.sessions(0), "w1", [(a.state, e1, ea), (b.state, e2, eb)]) == [1]
     # Release makes the entry claimable at once (huge idle time) and fences the releasing owner.
-    assert await store.release(a, "w1", e1, 1)
+    assert await store.release(a, "w1", e1, ea)
     reply = await redis.execute_command("XAUTOCLAIM", KEYS.sessions(0), p.WORKERS_GROUP, "w3", 60_000, "0-0")
     assert [item[0] for item in reply[1]] == [e1]  # 2 reply elements on 6.2, 3 on 7.x: claimed come second
     again = await store.acquire(a, "w3", 5, e1)

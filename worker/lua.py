@@ -64,7 +64,24 @@ local function empty_with_ttl(key, ttl)
 end
 """
 
-# KEYS: state, sessions. ARGV: owner, max_takeovers, now_ms, sessions_entry_id
+# Prepended to the scripts that hand out an epoch (ACQUIRE, RELEASE). Epochs are fencing tokens,
+# so one must never be handed out twice: they come from the partition's counter, not from the state
+# hash, which can vanish (evicted) and be made anew at 0. The counter never goes below an epoch a
+# state hash already holds (hashes from before the counter existed, or a counter that was lost).
+_NEXT_EPOCH = """
+local function next_epoch(state, counter)
+  local e = redis.call('INCR', counter)
+  local held = tonumber(redis.call('HGET', state, 'epoch') or '0')
+  if e <= held then
+    e = held + 1
+    redis.call('SET', counter, e)
+  end
+  redis.call('HSET', state, 'epoch', e)
+  return e
+end
+"""
+
+# KEYS: state, sessions, epoch counter. ARGV: owner, max_takeovers, now_ms, sessions_entry_id
 # Returns {status, epoch, committed_seq, committed_id, frames, finals, takeovers, stalled};
 # status is ok, done (already ended), poison (crash loop), duplicate (a retried XADD of the entry
 # that owns this sid: same fingerprint) or reused (another entry owns this sid and this one differs:
@@ -78,6 +95,7 @@ end
 # carries the real commit point and counters, so the session's end reports them.
 ACQUIRE: Final = (
     _ENTRIES
+    + _NEXT_EPOCH
     + """
 local start_id = redis.call('HGET', KEYS[1], 'start_id')
 if start_id and start_id ~= ARGV[4] then
@@ -93,7 +111,7 @@ if start_id and start_id ~= ARGV[4] then
   return {'duplicate', 0, -1, '0-0', 0, 0, 0, 0}
 end
 local status = redis.call('HGET', KEYS[1], 'status')
-local epoch = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+local epoch = next_epoch(KEYS[1], KEYS[3])
 if status == 'ended' or status == 'failed' then
   redis.call('XACK', KEYS[2], 'workers', ARGV[4])
   redis.call('XDEL', KEYS[2], ARGV[4])
@@ -283,18 +301,21 @@ end
 return lost
 """
 
-# KEYS: sessions stream, state. ARGV: consumer, entry_id, epoch
+# KEYS: sessions stream, state, epoch counter. ARGV: consumer, entry_id, epoch
 # Hands a session over at once (drain): fences this owner and makes the lease look long expired,
 # so the next XAUTOCLAIM anywhere takes it instead of waiting out the lease.
-RELEASE: Final = """
+RELEASE: Final = (
+    _NEXT_EPOCH
+    + """
 if redis.call('HGET', KEYS[2], 'epoch') ~= ARGV[3] then return 'fenced' end
 if redis.call('HGET', KEYS[2], 'status') ~= 'active' then return 'done' end
-redis.call('HINCRBY', KEYS[2], 'epoch', 1)
+next_epoch(KEYS[2], KEYS[3])
 redis.call('HSET', KEYS[2], 'released', '1')
 redis.call('HDEL', KEYS[2], 'owner')
 redis.call('XCLAIM', KEYS[1], 'workers', ARGV[1], 0, ARGV[2], 'IDLE', 1000000000, 'JUSTID')
 return 'ok'
 """
+)
 
 # KEYS: state, session results, partition results, dead
 # ARGV: epoch, maxlen, flag, stream, entry_id, reason, type, sid, text, e

@@ -151,7 +151,7 @@ class SessionStore:
 
     async def acquire(self, sk: p.SessionKeys, owner: str, max_takeovers: int, entry_id: bytes) -> Acquired:
         args: list[Any] = [owner, max_takeovers, now_ms(), entry_id]
-        raw = await self._acquire(keys=[sk.state, sk.sessions], args=args)
+        raw = await self._acquire(keys=[sk.state, sk.sessions, sk.epochs], args=args)
         status, epoch, cseq, cid, frames, finals, takeovers, stalled = raw
         return Acquired(
             _s(status), int(epoch), int(cseq), _b(cid), int(frames), int(finals), int(takeovers), int(stalled)
@@ -168,7 +168,8 @@ class SessionStore:
         return [int(i) - 1 for i in lost]
 
     async def release(self, sk: p.SessionKeys, owner: str, entry_id: bytes, epoch: int) -> bool:
-        return _s(await self._release(keys=[sk.sessions, sk.state], args=[owner, entry_id, epoch])) == "ok"
+        keys = [sk.sessions, sk.state, sk.epochs]
+        return _s(await self._release(keys=keys, args=[owner, entry_id, epoch])) == "ok"
 
     # ----------------------------------------------------------------------------- publishing
 
