@@ -1,6 +1,6 @@
 """Adversarial review, end to end: real redis-server, the real AudioReader, and (with `rig`) a real
-worker pool with the SDK and the emulator. Each xfail(strict=True) test demonstrates a guarantee
-broken on the current code; its reason says which and why."""
+worker pool with the SDK and the emulator. Each test started as a guarantee the review found broken
+(fixed since); an xfail(strict=True) one is still open, its reason says which and why."""
 
 from __future__ import annotations
 
@@ -37,16 +37,6 @@ async def _final_published(redis: aioredis.Redis, sid: str) -> bool:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: AudioReader.run treats only TRANSIENT_REDIS_ERRORS as recoverable; one followed audio "
-        "key that a producer turned into another type makes every XREAD (which names every followed "
-        "stream) fail with WRONGTYPE, the reader loop dies, _supervised restarts it into the same "
-        "error 5 times and raises LoopDied: the worker drains and exits, and every other session "
-        "it ran stops getting audio because of one producer's key"
-    ),
-)
 async def test_one_audio_key_of_the_wrong_type_costs_only_its_session() -> None:
     async with rig() as r:
         bad = await r.producer.open_session(sid="wrongtype")
@@ -68,21 +58,15 @@ async def test_one_audio_key_of_the_wrong_type_costs_only_its_session() -> None:
         await wait_until_ended(r.redis, KEYS, ["bystander"], 10)
         assert_perfect(await check_marker_session(r.redis, KEYS, "bystander", 60), 60)
         assert not r.task.done(), "the worker stopped"
-        # Put the key back so the rig's drain can end cleanly.
+        # The broken session itself fails, as input it cannot survive, after flushing what it sent.
+        await wait_until_ended(r.redis, KEYS, ["wrongtype"], 20)
+        events = await session_events(r.redis, KEYS, "wrongtype")
+        assert [e["code"] for e in events if e["type"] == p.ERROR] == ["bad_input"]
+        assert events[-1]["type"] == p.SESSION_ENDED and events[-1]["reason"] == p.END_FAILED
         await r.redis.delete(audio)
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: AudioReader.run awaits each follower's inline sender in turn; SessionRunner.send_inline "
-        "awaits conn.send_media, which in websockets' legacy protocol waits in drain() whenever its "
-        "write pushes the transport over the 64 KiB high-water mark (INLINE_MAX_BUFFERED only checks "
-        "the buffer BEFORE the write) until the buffer is under 16 KiB: one Deepgram socket that "
-        "stops reading holds back the audio of every session of the worker, up to stall_seconds"
-    ),
-)
 async def test_a_blocked_inline_send_does_not_hold_other_sessions_audio() -> None:
     with RedisServer() as server:
         redis = aioredis.Redis.from_url(server.url)

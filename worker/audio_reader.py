@@ -21,6 +21,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import ResponseError
 
 from producer.cluster import REDIRECTS, ClusterNode, is_cluster, private_connection
 from producer.cluster import ready as cluster_ready
@@ -33,6 +34,7 @@ log = structlog.get_logger("voxqueue.reader")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 YIELD_EVERY = 16  # inline sends between two yields to the event loop
+INLINE_SEND_SECONDS = 0.05  # bound on one inline send (see _send_inline)
 CLUSTER_POLL_SECONDS = 0.01  # Redis Cluster, several partitions: pause after a read that found nothing
 
 
@@ -56,13 +58,14 @@ class Inbox:
     back to reading from Redis (everything is still there), so a stuck Deepgram link cannot make
     the worker buffer a session's audio without limit."""
 
-    __slots__ = ("entries", "event", "limit", "overflowed")
+    __slots__ = ("broken", "entries", "event", "limit", "overflowed")
 
     def __init__(self, limit: int) -> None:
         self.entries: deque[Entry] = deque()
         self.event = asyncio.Event()
         self.limit = limit
         self.overflowed = False
+        self.broken = ""  # why the stream cannot be read at all (its key holds another type)
 
     def deliver(self, entries: list[Entry]) -> None:
         if self.overflowed:
@@ -84,6 +87,10 @@ class Inbox:
         self.overflowed = False
 
     def wake(self) -> None:
+        self.event.set()
+
+    def fail(self, reason: str) -> None:
+        self.broken = reason
         self.event.set()
 
 
@@ -238,6 +245,37 @@ class AudioReader:
             await cluster_refresh(self.redis)
         return out
 
+    async def _send_inline(self, inline: InlineSender, entries: list[Entry]) -> bool:
+        """An inline send, bounded: it writes before its first wait, so the wait can only be a
+        socket that does not drain (a peer that stopped reading). One such socket must not hold
+        every other session's audio: after INLINE_SEND_SECONDS the reader moves on; the frames
+        were written, and that session's own stall watchdog deals with its connection."""
+        try:
+            async with asyncio.timeout(INLINE_SEND_SECONDS):
+                return await inline(entries)
+        except TimeoutError:
+            log.warning("an inline send did not complete in time; moving on", seconds=INLINE_SEND_SECONDS)
+            return True
+
+    async def _drop_unreadable(self, snapshot: dict[bytes, _Follower]) -> None:
+        """Unfollows the followed keys that are not streams and fails their sessions' input."""
+        keys = list(snapshot)
+        try:
+            types = [await self.redis.type(key) for key in keys]
+        except TRANSIENT_REDIS_ERRORS:
+            return  # the next read finds out again
+        for key, kind in zip(keys, types, strict=True):
+            if kind in (b"stream", b"none", "stream", "none"):
+                continue
+            follower = snapshot[key]
+            if self.followers.get(key) is follower:
+                del self.followers[key]
+            name = kind.decode() if isinstance(kind, bytes) else str(kind)
+            log.error(
+                "an audio key is not a stream: its session fails", key=key.decode(errors="replace"), type=name
+            )
+            follower.inbox.fail(f"the audio key holds a {name}, not a stream")
+
     async def run(self) -> None:
         backoff = Backoff(0.05, 2.0)
         loop = asyncio.get_running_loop()
@@ -255,6 +293,13 @@ class AudioReader:
                 log.warning("redis read failed, retrying", error=type(exc).__name__, retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
                 continue
+            except ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                # One read names every followed stream: one key a producer turned into another
+                # type fails them all. Find it, tell its session, read the others on.
+                await self._drop_unreadable(snapshot)
+                continue
             backoff.reset()
             inline_sends = 0
             for key, entries in reply:
@@ -264,7 +309,7 @@ class AudioReader:
                 if not entries or follower is None or self.followers.get(key) is not follower:
                     continue
                 follower.position = entries[-1][0]
-                if follower.inline is not None and await follower.inline(entries):
+                if follower.inline is not None and await self._send_inline(follower.inline, entries):
                     inline_sends += 1
                     if inline_sends % YIELD_EVERY == 0:
                         # Let transcripts coming back (and anything else ready) through between

@@ -442,6 +442,13 @@ class SessionMachine:
             self.next_send_at = now + self.rules.send_interval
         return self._process(entries, now)
 
+    def input_broken(self, detail: str, now: float) -> list[Action]:
+        """The audio stream cannot be read at all (its key holds another type): input the session
+        cannot survive; what was sent is flushed first, as for any fatal input."""
+        if self.phase not in (Phase.CATCHING_UP, Phase.LIVE):
+            return []
+        return self._fatal_input([], detail, now)
+
     def inbox_overflowed(self) -> list[Action]:
         """The live reader's buffer overflowed (Deepgram slower than the producer): go back to
         reading from Redis, where everything still is."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
+from redis.exceptions import ResponseError
 
 from producer import protocol as p
 from producer.options import validate_options
@@ -208,7 +209,13 @@ class SessionRunner:
                         read = functools.partial(
                             self.ctx.store.read_range, self.keys.audio, action.after, action.count
                         )
-                        entries = await self._retry_redis(read)
+                        try:
+                            entries = await self._retry_redis(read)
+                        except ResponseError as wrong:
+                            if "WRONGTYPE" not in str(wrong):
+                                raise
+                            queue.extend(machine.input_broken("the audio key is not a stream", loop.time()))
+                            continue
                         queue.extend(machine.caught_up(entries, loop.time(), action.count))
                         # A long catch-up into a half-open socket never parks: check here too.
                         queue.extend(machine.tick(loop.time()))
@@ -239,6 +246,10 @@ class SessionRunner:
                     if any(isinstance(a, sm.End) for a in after):
                         return after
                     queue.extend(after)
+                    continue
+                if self.inbox.broken:
+                    reason, self.inbox.broken = self.inbox.broken, ""
+                    queue.extend(machine.input_broken(reason, loop.time()))
                     continue
                 if self.inbox.overflowed:
                     queue.extend(machine.inbox_overflowed())
@@ -288,7 +299,14 @@ class SessionRunner:
         if conn is None or self.inline_busy or self.inbox.entries or self.inbox.overflowed:
             return False
         transport = getattr(getattr(conn, "_websocket", None), "transport", None)
-        if transport is None or transport.get_write_buffer_size() > INLINE_MAX_BUFFERED:
+        if transport is None:
+            return False
+        # Only when the write cannot pause the transport: the send then never waits in drain, so
+        # a socket that stopped draining can never hold the shared reader (the slow path sends it
+        # from this session's own task). Below the low-water mark the transport is never paused.
+        low_water = transport.get_write_buffer_limits()[0] or INLINE_MAX_BUFFERED
+        incoming = len(entries) * self.machine.rules.frame_bytes + 64
+        if transport.get_write_buffer_size() + incoming > min(low_water, INLINE_MAX_BUFFERED):
             return False
         payload = self.machine.live_inline(entries, asyncio.get_running_loop().time())
         if payload is None:
