@@ -246,7 +246,8 @@ if status == 'ended' or status == 'failed' then return 'dup' end
 if ARGV[13] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'committed_seq') or '-1') < tonumber(ARGV[13]) then
   return 'stale'
 end
-if not writable({KEYS[2], KEYS[3], KEYS[6]}) then return redis.error_reply(WRONGTYPE) end  -- audio: only EXPIREd
+-- (the audio key is only given a TTL here, whatever its type)
+if not writable({KEYS[2], KEYS[3], KEYS[6]}) then return redis.error_reply(WRONGTYPE) end
 local fields = {'type', ARGV[7], 'sid', ARGV[8], 'text', ARGV[9], 'e', ARGV[10]}
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
