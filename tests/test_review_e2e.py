@@ -101,15 +101,6 @@ async def test_a_blocked_inline_send_does_not_hold_other_sessions_audio() -> Non
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: WorkerPool._start_session retires a second sessions entry for a sid this worker runs "
-        "(owned.entry_id != entry_id) without comparing fingerprints: a reuse of the sid (other "
-        "fields) is dropped silently, with no sid_reused error and no dead letter, while the same "
-        "entry reaching any other worker is reported by ACQUIRE ('reused'): docs/protocol.md section 2"
-    ),
-)
 async def test_a_reused_sid_is_reported_while_its_session_runs_on_this_worker() -> None:
     async with rig() as r:
         sk = KEYS.session("live-reuse")

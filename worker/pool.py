@@ -575,10 +575,10 @@ class WorkerPool:
             await self._reject_session(sessions_key, entry_id, raw, exc)
             return
         owned = self.owned.get(start.sid)
-        if owned is not None:
-            if owned.entry_id != entry_id:  # a duplicate entry for a session we run: retire it
-                await self.store.retire_entry(sessions_key, entry_id)
-            return  # else our own lease, re-delivered: we are running it already
+        if owned is not None and owned.entry_id == entry_id:
+            return  # our own lease, re-delivered: we are running it already
+        # Another entry for a sid we run goes through ACQUIRE like anywhere else: a retried XADD
+        # (same fields) is retired silently, a reuse is reported as sid_reused (never an epoch bump).
         sk = self.keys.session(start.sid)
         try:
             acquired = await self.store.acquire(sk, self.consumer, self.settings.max_takeovers, entry_id)
