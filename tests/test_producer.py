@@ -349,7 +349,9 @@ async def test_many_sessions_share_round_trips(redis_client: aioredis.Redis) -> 
     async with Producer(redis_client, partitions=4) as producer:
         sessions = await asyncio.gather(*(producer.open_session(f"s{i}") for i in range(sessions_n)))
         opened = producer.stats.flushes
-        assert opened <= 3  # 100 session entries went out together
+        # 100 session entries went out together in a few round trips, not one each (each explicit
+        # sid is first checked for reuse, so the entries reach the batcher a little apart).
+        assert opened <= 10
 
         async def talk(index: int) -> None:
             session = sessions[index]
