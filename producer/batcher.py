@@ -106,6 +106,7 @@ class BatcherStats:
     max_batch: int = 0  # most commands in one pipeline
     errors: int = 0  # flushes that failed (connection) or commands Redis refused
     retries: int = 0  # flushes re-attempted after a connection failure
+    backpressure_waits: int = 0  # sends that had to wait because Redis fell behind (over the limit)
 
 
 @dataclass

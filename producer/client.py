@@ -414,5 +414,7 @@ class ProducerSession:
             self._expire_due = now + self._expire_every
         done = self._batcher.submit(commands)
         if wait_for_flush or self._batcher.over_limit:
+            if not wait_for_flush:  # a send that wanted to return at once, held back: backpressure
+                self._batcher.stats.backpressure_waits += 1
             await wait(done)
             self.raise_if_failed()

@@ -24,6 +24,10 @@ COUNTERS = {
     "expires": ("voxqueue_producer_expires", "Audio TTLs set or refreshed"),
     "errors": ("voxqueue_producer_errors", "Flushes that failed or commands Redis refused"),
     "retries": ("voxqueue_producer_retries", "Flushes retried after a connection failure"),
+    "backpressure_waits": (
+        "voxqueue_producer_backpressure_waits",
+        "Sends without wait that waited anyway because Redis fell behind (max_pending_frames)",
+    ),
 }
 
 

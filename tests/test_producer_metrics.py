@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import redis.asyncio as aioredis
@@ -34,3 +35,29 @@ async def test_producer_metrics_count_frames_and_round_trips(redis_client: aiore
         assert trips == producer.stats.flushes
     finally:
         await producer.aclose()
+
+
+async def test_backpressure_waits_are_counted(redis_client: aioredis.Redis) -> None:
+    """A send(wait=False) held back because more than max_pending_frames wait for Redis counts as
+    a backpressure wait; with room in the queue it returns at once and counts nothing."""
+    registry = CollectorRegistry()
+    producer = Producer(redis_client, max_pending_frames=5)
+    register_producer_metrics(producer, registry)
+    try:
+        session = await producer.open_session(sid="pm2")
+        sends = [asyncio.ensure_future(session.send_frame(marker_frame(n, 0), wait=False)) for n in range(20)]
+        await asyncio.gather(*sends)
+        await session.end()
+        waits = value(generate_latest(registry).decode(), "voxqueue_producer_backpressure_waits_total")
+        assert waits == producer.stats.backpressure_waits > 0
+    finally:
+        await producer.aclose()
+    relaxed = Producer(redis_client)
+    try:
+        session = await relaxed.open_session(sid="pm3")
+        for n in range(20):
+            await session.send_frame(marker_frame(n, 0), wait=False)
+        await session.end()
+        assert relaxed.stats.backpressure_waits == 0
+    finally:
+        await relaxed.aclose()
