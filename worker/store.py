@@ -176,19 +176,9 @@ class SessionStore:
     async def commit(
         self, sk: p.SessionKeys, epoch: int, commit: Commit, event: dict[str, Any] | None
     ) -> str:
-        fields = p.encode_event(event) if event else {"type": "", "sid": "", "text": "", "e": b""}
-        args: list[Any] = [
-            epoch,
-            commit.seq_to,
-            commit.last_entry_id or b"",
-            self.maxlen,
-            "1" if event else "0",
-            fields[p.R_TYPE],
-            fields[p.R_SID],
-            fields[p.R_TEXT],
-            fields[p.R_EVENT],
-            commit.seq_from,
-        ]
+        return await self._run_commit(sk, _commit_args(epoch, commit, event, self.maxlen))
+
+    async def _run_commit(self, sk: p.SessionKeys, args: list[Any]) -> str:
         result = _s(await self._commit(keys=[sk.state, sk.results, sk.partition_results], args=args))
         if result == "fenced":
             raise await self.fenced(sk)
@@ -354,28 +344,25 @@ class SessionStore:
     ) -> str:
         """`commit` of one channel's final in a multichannel session (lua.COMMIT's channel form):
         the channel's mark moves to seq_to, the session's commit point to the minimum of the marks."""
-        fields = p.encode_event(event) if event else {"type": "", "sid": "", "text": "", "e": b""}
-        args: list[Any] = [
-            epoch,
-            commit.seq_to,
-            commit.last_entry_id or b"",
-            self.maxlen,
-            "1" if event else "0",
-            fields[p.R_TYPE],
-            fields[p.R_SID],
-            fields[p.R_TEXT],
-            fields[p.R_EVENT],
-            commit.seq_from,
-            commit.channel,
-            channels,
-            commit.session_point,
-        ]
-        result = _s(await self._commit(keys=[sk.state, sk.results, sk.partition_results], args=args))
-        if result == "fenced":
-            raise await self.fenced(sk)
-        if result == "stale":
-            raise StaleCommitPoint(sk.sid)
-        return result
+        args = _commit_args(epoch, commit, event, self.maxlen)
+        return await self._run_commit(sk, [*args, commit.channel, channels, commit.session_point])
+
+
+def _commit_args(epoch: int, commit: Commit, event: dict[str, Any] | None, maxlen: str) -> list[Any]:
+    """lua.COMMIT's ARGV (the mono form; the channel form appends three more)."""
+    fields = p.encode_event(event) if event else {"type": "", "sid": "", "text": "", "e": b""}
+    return [
+        epoch,
+        commit.seq_to,
+        commit.last_entry_id or b"",
+        maxlen,
+        "1" if event else "0",
+        fields[p.R_TYPE],
+        fields[p.R_SID],
+        fields[p.R_TEXT],
+        fields[p.R_EVENT],
+        commit.seq_from,
+    ]
 
 
 def _s(value: Any) -> str:
