@@ -60,6 +60,9 @@ class PhaseResult:
     redis_cpu_us_per_frame: dict[str, float] = field(default_factory=dict)
     redis_sessions: dict[str, int] = field(default_factory=dict)
     redis_partitions: dict[str, list[int]] = field(default_factory=dict)
+    # Each Redis process's CPU with the worker idle and no sessions (% of a core): the part of its
+    # per-frame figure that is a fixed cost per node (server cron, cluster bus, idle claim reads).
+    redis_idle_cpu_pct: dict[str, float] = field(default_factory=dict)
     redis_commands_per_frame: float | None = None  # INFO stats total_commands_processed, all nodes
     # INFO memory used_memory, all nodes: growth from before the sessions opened to the end of the
     # window (sessions live, their audio kept), and what is still held once every session ended.
@@ -96,6 +99,7 @@ class Bench:
         self.keys = p.Keys(partitions=partitions)
         self.redis = RedisServer()
         self.cluster: RedisCluster | None = None
+        self.idle_redis_pct: dict[str, float] = {}
         self.emulator_port = free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
         self.worker: subprocess.Popen[bytes] | None = None
@@ -216,14 +220,19 @@ class Bench:
         """Percent of one core the worker uses with no sessions (no busy polling allowed)."""
         assert self.worker is not None
         await asyncio.sleep(1.0)
+        nodes = self.redis_nodes()
         before = sample(self.worker.pid)
+        redis0 = {label: sample(n.process.pid).cpu_s for label, n in nodes.items() if n.process}
         await asyncio.sleep(seconds)
         after = sample(self.worker.pid)
+        redis1 = {label: sample(n.process.pid).cpu_s for label, n in nodes.items() if n.process}
+        self.idle_redis_pct = {k: 100.0 * (redis1[k] - redis0[k]) / seconds for k in redis0}
         return 100.0 * (after.cpu_s - before.cpu_s) / seconds
 
     async def pipeline(self, sessions: int, seconds: float, tag: str) -> PhaseResult:
         assert self.worker is not None
         result = PhaseResult("pipeline", sessions, seconds, partitions=self.partitions)
+        result.redis_idle_cpu_pct = dict(self.idle_redis_pct)
         self.emulator_get("/_emulator/stats?reset=1")
         self.emulator_get("/_emulator/finals?reset=1")
         rss_idle = sample(self.worker.pid).rss_bytes
@@ -547,6 +556,11 @@ def print_cluster_table(one: PhaseResult, shards: PhaseResult) -> list[tuple[str
             )
         )
     rows += [
+        (
+            "Redis idle CPU, % of a core per node",
+            ", ".join(f"{v:.2f}" for v in one.redis_idle_cpu_pct.values()),
+            ", ".join(f"{v:.2f}" for v in shards.redis_idle_cpu_pct.values()),
+        ),
         (
             "Redis commands per frame, all nodes",
             f"{one.redis_commands_per_frame:.3f}",
