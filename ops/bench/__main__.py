@@ -358,15 +358,20 @@ class Bench:
         try:
             pending = [f"bench-{tag}-{i}" for i in range(sessions)]
             while pending and time.monotonic() < deadline:
-                statuses = await asyncio.gather(
-                    *(
-                        by_partition[self.keys.partition(sid)].hget(self.keys.session(sid).state, "status")
-                        for sid in pending
-                    )
-                )
-                pending = [
-                    sid for sid, st in zip(pending, statuses, strict=True) if st not in (b"ended", b"failed")
-                ]
+                # One pipeline per node (a plain one: each names only that node's keys).
+                groups: dict[aioredis.Redis, list[str]] = {}
+                for sid in pending:
+                    groups.setdefault(by_partition[self.keys.partition(sid)], []).append(sid)
+                still: list[str] = []
+                for client, sids in groups.items():
+                    pipe = client.pipeline(transaction=False)
+                    for sid in sids:
+                        pipe.hget(self.keys.session(sid).state, "status")
+                    statuses = await pipe.execute()
+                    still += [
+                        sid for sid, st in zip(sids, statuses, strict=True) if st not in (b"ended", b"failed")
+                    ]
+                pending = still
                 await asyncio.sleep(0.2)
             if pending:
                 print(f"warning: {len(pending)} sessions did not end in time", file=sys.stderr)
