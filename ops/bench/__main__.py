@@ -7,6 +7,8 @@ writes JSON (ops/bench-results/latest.json by default).
     python -m ops.bench                         # S = 200 sessions for 20 s, pipeline then direct
     python -m ops.bench --sessions 100 --seconds 10
     python -m ops.bench --sweep 300,400,500,600 # most real-time sessions one worker sustains
+    python -m ops.bench --cluster 3             # the same pipeline load on one Redis, then on a
+                                                # 3-master local Redis Cluster: Redis CPU per shard
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
 from ops.bench.procs import percentile, sample
 from producer import protocol as p
-from worker.redis_server import RedisServer, free_port
+from worker.redis_server import RedisCluster, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -51,13 +54,52 @@ class PhaseResult:
     cpu_us_per_frame: dict[str, float] = field(default_factory=dict)
     worker_rss_per_session_kib: float | None = None
     round_trips_per_frame: float | None = None
+    partitions: int = 1
+    # Per Redis process (one Redis, or each cluster master): its CPU over the window (/proc, all its
+    # threads) per frame of the whole load, and the sessions whose partitions it serves.
+    redis_cpu_us_per_frame: dict[str, float] = field(default_factory=dict)
+    redis_sessions: dict[str, int] = field(default_factory=dict)
+    redis_partitions: dict[str, list[int]] = field(default_factory=dict)
+    # Each Redis process's CPU with the worker idle and no sessions (% of a core): the part of its
+    # per-frame figure that is a fixed cost per node (server cron, cluster bus, idle claim reads).
+    redis_idle_cpu_pct: dict[str, float] = field(default_factory=dict)
+    redis_commands_per_frame: float | None = None  # INFO stats total_commands_processed, all nodes
+    # INFO memory used_memory, all nodes: growth from before the sessions opened to the end of the
+    # window (sessions live, their audio kept), and what is still held once every session ended.
+    redis_memory_per_live_session_bytes: float | None = None
+    redis_memory_per_frame_bytes: float | None = None
+    redis_memory_per_ended_session_bytes: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSample:
+    cpu_s: float
+    used_memory: int
+    commands: int
+
+
+def redis_sample(node: RedisServer) -> RedisSample:
+    assert node.process is not None
+    client = redis.Redis(port=node.port, socket_timeout=5)
+    try:
+        memory = client.info("memory")
+        stats = client.info("stats")
+    finally:
+        client.close()
+    return RedisSample(
+        sample(node.process.pid).cpu_s, int(memory["used_memory"]), int(stats["total_commands_processed"])
+    )
 
 
 class Bench:
-    def __init__(self, tmp: Path, worker_env: dict[str, str]) -> None:
+    def __init__(self, tmp: Path, worker_env: dict[str, str], partitions: int = 1) -> None:
         self.tmp = tmp
         self.worker_env = worker_env
+        self.partitions = partitions
+        self.keys = p.Keys(partitions=partitions)
         self.redis = RedisServer()
+        self.cluster: RedisCluster | None = None
+        self.idle_redis_pct: dict[str, float] = {}
         self.emulator_port = free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
         self.worker: subprocess.Popen[bytes] | None = None
@@ -83,9 +125,42 @@ class Bench:
         )
         self._wait_http("/_emulator/health")
 
+    def use_cluster(self, masters: int) -> None:
+        """From now on the load runs on a fresh local Redis Cluster of `masters` masters (no
+        replicas: the figure is the masters' own CPU per frame)."""
+        self.cluster = RedisCluster(masters=masters).start()
+
+    @property
+    def redis_url(self) -> str:
+        return self.cluster.url if self.cluster else self.redis.url
+
+    def redis_nodes(self) -> dict[str, RedisServer]:
+        """The Redis processes carrying the load, by a label for the report."""
+        if self.cluster is None:
+            return {f"redis :{self.redis.port}": self.redis}
+        return {f"shard {i + 1} :{n.port}": n for i, n in enumerate(self.cluster.nodes)}
+
+    def partition_urls(self) -> list[str]:
+        """A plain redis:// URL of the node serving each partition. The bench's own readers talk
+        to that node directly: nothing moves slots during a run, and it keeps the measuring
+        side out of the cluster client's connection handling."""
+        if self.cluster is None:
+            return [self.redis.url] * self.partitions
+        return [self.cluster.master_of(self.keys.sessions(i)).url for i in range(self.partitions)]
+
+    def partitions_by_node(self) -> dict[str, list[int]]:
+        if self.cluster is None:
+            return {label: list(range(self.partitions)) for label in self.redis_nodes()}
+        by_port = {n.port: label for label, n in self.redis_nodes().items()}
+        out: dict[str, list[int]] = {label: [] for label in by_port.values()}
+        for i in range(self.partitions):
+            out[by_port[self.cluster.master_of(self.keys.sessions(i)).port]].append(i)
+        return out
+
     def start_worker(self) -> None:
         env = {
-            "VOXQUEUE_REDIS_URL": self.redis.url,
+            "VOXQUEUE_REDIS_URL": self.redis_url,
+            "VOXQUEUE_PARTITIONS": str(self.partitions),
             "VOXQUEUE_DEEPGRAM_URL": self.ws_url,
             "VOXQUEUE_CONCURRENCY": "5000",
             "VOXQUEUE_LOG_FORMAT": "json",
@@ -109,6 +184,8 @@ class Bench:
                 proc.kill()
                 proc.wait(10)
         self.redis.cleanup()
+        if self.cluster is not None:
+            self.cluster.cleanup()
 
     def _spawn(self, argv: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = (self.tmp / log).open("ab")
@@ -143,24 +220,33 @@ class Bench:
         """Percent of one core the worker uses with no sessions (no busy polling allowed)."""
         assert self.worker is not None
         await asyncio.sleep(1.0)
+        nodes = self.redis_nodes()
         before = sample(self.worker.pid)
+        redis0 = {label: sample(n.process.pid).cpu_s for label, n in nodes.items() if n.process}
         await asyncio.sleep(seconds)
         after = sample(self.worker.pid)
+        redis1 = {label: sample(n.process.pid).cpu_s for label, n in nodes.items() if n.process}
+        self.idle_redis_pct = {k: 100.0 * (redis1[k] - redis0[k]) / seconds for k in redis0}
         return 100.0 * (after.cpu_s - before.cpu_s) / seconds
 
     async def pipeline(self, sessions: int, seconds: float, tag: str) -> PhaseResult:
         assert self.worker is not None
-        result = PhaseResult("pipeline", sessions, seconds)
+        result = PhaseResult("pipeline", sessions, seconds, partitions=self.partitions)
+        result.redis_idle_cpu_pct = dict(self.idle_redis_pct)
         self.emulator_get("/_emulator/stats?reset=1")
         self.emulator_get("/_emulator/finals?reset=1")
         rss_idle = sample(self.worker.pid).rss_bytes
-        reader = FinalsReader(self.redis.url)
+        nodes = self.redis_nodes()
+        redis_idle = {label: redis_sample(node) for label, node in nodes.items()}
+        reader = FinalsReader(self.partition_urls(), self.keys)
         reader_task = asyncio.create_task(reader.run())
         out = self.tmp / f"producer-{tag}.json"
         proc = await start_load(
             "producer",
             "--redis-url",
-            self.redis.url,
+            self.redis_url,
+            "--partitions",
+            str(self.partitions),
             "--sessions",
             str(sessions),
             "--seconds",
@@ -173,8 +259,10 @@ class Bench:
         await _expect(proc.stdout, "START")
         frames0 = self.emulator_get("/_emulator/stats?reset=1")["frames_received"]
         worker0 = sample(self.worker.pid)
+        redis0 = {label: redis_sample(node) for label, node in nodes.items()}
         await _expect(proc.stdout, "STOP")
         worker1 = sample(self.worker.pid)
+        redis1 = {label: redis_sample(node) for label, node in nodes.items()}
         stats = self.emulator_get("/_emulator/stats")
         await proc.wait()
         produced = json.loads(out.read_text())
@@ -189,8 +277,27 @@ class Bench:
             "worker": 1e6 * (worker1.cpu_s - worker0.cpu_s) / max(1, delivered_in_window),
             "producer": 1e6 * produced["cpu_s"] / max(1, produced["frames"]),
         }
+        window_frames = max(1, delivered_in_window)
+        result.redis_cpu_us_per_frame = {
+            label: 1e6 * (redis1[label].cpu_s - redis0[label].cpu_s) / window_frames for label in nodes
+        }
+        result.redis_commands_per_frame = (
+            sum(redis1[k].commands - redis0[k].commands for k in nodes) / window_frames
+        )
+        grown = sum(redis1[k].used_memory - redis_idle[k].used_memory for k in nodes)
+        result.redis_memory_per_live_session_bytes = grown / max(1, sessions)
+        result.redis_memory_per_frame_bytes = grown / max(1, produced["frames"])
+        result.redis_partitions = self.partitions_by_node()
+        shard_of = {i: label for label, parts in result.redis_partitions.items() for i in parts}
+        result.redis_sessions = {label: 0 for label in nodes}
+        for i in range(sessions):
+            result.redis_sessions[shard_of[self.keys.partition(f"bench-{tag}-{i}")]] += 1
         # Let every session end, then count what reached the emulator in all.
         await self._wait_sessions_ended(sessions, tag, limit_s=60 + seconds)
+        ended = {label: redis_sample(node) for label, node in nodes.items()}
+        result.redis_memory_per_ended_session_bytes = sum(
+            ended[k].used_memory - redis_idle[k].used_memory for k in nodes
+        ) / max(1, sessions)
         result.frames_delivered = frames0 + self.emulator_get("/_emulator/stats")["frames_received"]
         reader_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -245,24 +352,32 @@ class Bench:
         return 1e6 * result["cpu_s"] / max(1, result["frames"])
 
     async def _wait_sessions_ended(self, sessions: int, tag: str, limit_s: float) -> None:
-        client = aioredis.Redis.from_url(self.redis.url)
-        keys = p.Keys()
+        clients = {url: aioredis.Redis.from_url(url) for url in set(self.partition_urls())}
+        by_partition = [clients[url] for url in self.partition_urls()]
         deadline = time.monotonic() + limit_s
         try:
             pending = [f"bench-{tag}-{i}" for i in range(sessions)]
             while pending and time.monotonic() < deadline:
-                pipe = client.pipeline(transaction=False)
+                # One pipeline per node (a plain one: each names only that node's keys).
+                groups: dict[aioredis.Redis, list[str]] = {}
                 for sid in pending:
-                    pipe.hget(keys.session(sid).state, "status")
-                statuses = await pipe.execute()
-                pending = [
-                    sid for sid, st in zip(pending, statuses, strict=True) if st not in (b"ended", b"failed")
-                ]
+                    groups.setdefault(by_partition[self.keys.partition(sid)], []).append(sid)
+                still: list[str] = []
+                for client, sids in groups.items():
+                    pipe = client.pipeline(transaction=False)
+                    for sid in sids:
+                        pipe.hget(self.keys.session(sid).state, "status")
+                    statuses = await pipe.execute()
+                    still += [
+                        sid for sid, st in zip(sids, statuses, strict=True) if st not in (b"ended", b"failed")
+                    ]
+                pending = still
                 await asyncio.sleep(0.2)
             if pending:
                 print(f"warning: {len(pending)} sessions did not end in time", file=sys.stderr)
         finally:
-            await client.aclose()
+            for client in clients.values():
+                await client.aclose()
 
 
 async def start_load(mode: str, *args: str, out: Path, stdout: int | None = asyncio.subprocess.PIPE) -> Any:
@@ -273,19 +388,24 @@ async def start_load(mode: str, *args: str, out: Path, stdout: int | None = asyn
 
 
 class FinalsReader:
-    """Reads the partition results stream as a downstream consumer would, noting when each final
-    became readable, to join with the emulator's send times."""
+    """Reads the partition results streams as a downstream consumer would, noting when each final
+    became readable, to join with the emulator's send times. One XREAD per partition: on a cluster
+    the partitions live on different shards, and one XREAD may not name keys of several slots."""
 
-    def __init__(self, url: str) -> None:
-        self.client = aioredis.Redis.from_url(url)
+    def __init__(self, urls: list[str], keys: p.Keys) -> None:
+        """urls[i]: a plain URL of the node serving partition i."""
+        self.clients = {url: aioredis.Redis.from_url(url) for url in set(urls)}
+        self.follow = [(self.clients[url], keys.results(i)) for i, url in enumerate(urls)]
         self.seen: dict[tuple[str, float], int] = {}
         self.built: dict[tuple[str, float], int] = {}  # the event's ts: when the worker built it
 
     async def run(self) -> None:
-        key = p.Keys().results(0)
+        await asyncio.gather(*(self._follow(client, key) for client, key in self.follow))
+
+    async def _follow(self, client: aioredis.Redis, key: str) -> None:
         last = "$"
         while True:
-            reply = await self.client.xread({key: last}, count=1000, block=1000)
+            reply = await client.xread({key: last}, count=1000, block=1000)
             now = time.time_ns()
             for _, entries in reply or ():
                 for entry_id, fields in entries:
@@ -314,7 +434,8 @@ class FinalsReader:
         return out
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for client in self.clients.values():
+            await client.aclose()
 
 
 async def _expect(stream: asyncio.StreamReader, word: str) -> None:
@@ -395,6 +516,84 @@ def print_table(
     return rows
 
 
+def print_cluster_table(one: PhaseResult, shards: PhaseResult) -> list[tuple[str, str, str]]:
+    """The same pipeline load on one Redis and on a cluster, side by side: what each Redis
+    process spends per frame of the whole load (on a cluster each master carries only the
+    sessions of its partitions, so its share should be about 1/N of the one-Redis figure)."""
+    n = len(shards.redis_cpu_us_per_frame)
+    (one_label, one_cpu), *_ = one.redis_cpu_us_per_frame.items()
+    rows = [
+        ("sessions × seconds, partitions", f"{one.sessions} × {one.seconds:g}, P = {one.partitions}", ""),
+        ("", "one Redis", f"{n}-shard cluster"),
+        (
+            "frames produced / delivered",
+            f"{one.frames_produced} / {one.frames_delivered}",
+            f"{shards.frames_produced} / {shards.frames_delivered}",
+        ),
+        ("frame lag p50 / p99 / max (ms)", _fmt3(one.lag_ms), _fmt3(shards.lag_ms)),
+        ("transcript latency p50 / p99 (ms)", _fmt2(one.transcript_ms), _fmt2(shards.transcript_ms)),
+        (
+            "worker CPU µs per frame",
+            f"{one.cpu_us_per_frame['worker']:.1f}",
+            f"{shards.cpu_us_per_frame['worker']:.1f}",
+        ),
+        (
+            "producer CPU µs per frame",
+            f"{one.cpu_us_per_frame['producer']:.1f}",
+            f"{shards.cpu_us_per_frame['producer']:.1f}",
+        ),
+        (
+            "Redis CPU µs per frame, all nodes",
+            f"{one_cpu:.2f}",
+            f"{sum(shards.redis_cpu_us_per_frame.values()):.2f}",
+        ),
+    ]
+    # Partitions hash to slots unevenly, so a shard's share of the sessions is not exactly 1/N:
+    # its CPU per frame of the whole load is set beside its share, and per frame it served.
+    for label, cpu in shards.redis_cpu_us_per_frame.items():
+        share = shards.redis_sessions[label] / max(1, shards.sessions)
+        served = f", {cpu / share:.1f} per frame served" if share else ""
+        rows.append(
+            (
+                f"  {label}: {len(shards.redis_partitions[label])} partitions, {share:.0%} of sessions",
+                "",
+                f"{cpu:.2f} = {cpu / one_cpu:.2f} × one Redis{served}" if one_cpu else f"{cpu:.2f}",
+            )
+        )
+    rows += [
+        (
+            "Redis idle CPU, % of a core per node",
+            ", ".join(f"{v:.2f}" for v in one.redis_idle_cpu_pct.values()),
+            ", ".join(f"{v:.2f}" for v in shards.redis_idle_cpu_pct.values()),
+        ),
+        (
+            "Redis commands per frame, all nodes",
+            f"{one.redis_commands_per_frame:.3f}",
+            f"{shards.redis_commands_per_frame:.3f}",
+        ),
+        (
+            "Redis memory per live session (KiB)",
+            f"{(one.redis_memory_per_live_session_bytes or 0) / 1024:.0f}",
+            f"{(shards.redis_memory_per_live_session_bytes or 0) / 1024:.0f}",
+        ),
+        (
+            "  per stored frame (bytes)",
+            f"{one.redis_memory_per_frame_bytes or 0:.0f}",
+            f"{shards.redis_memory_per_frame_bytes or 0:.0f}",
+        ),
+        (
+            "Redis memory per ended session (KiB)",
+            f"{(one.redis_memory_per_ended_session_bytes or 0) / 1024:.0f}",
+            f"{(shards.redis_memory_per_ended_session_bytes or 0) / 1024:.0f}",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'':{width}}  {'(' + one_label + ')':>24}  {'':>44}")
+    for name, a, b in rows:
+        print(f"{name:{width}}  {a:>24}  {b:>44}")
+    return rows
+
+
 def _fmt3(d: dict[str, float]) -> str:
     return " / ".join(f"{d.get(k, float('nan')):.1f}" for k in ("p50", "p99", "max"))
 
@@ -406,9 +605,15 @@ def _fmt2(d: dict[str, float]) -> str:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="voxqueue-bench-"))
     worker_env = dict(kv.split("=", 1) for kv in args.worker_env)
-    bench = Bench(tmp, worker_env)
+    # The same P for the one-Redis run and the cluster run: the same load, only spread out.
+    partitions = args.partitions or (4 * args.cluster if args.cluster else 1)
+    bench = Bench(tmp, worker_env, partitions)
+    host = machine()
+    cpu = host["cpu"] or "unknown CPU"
+    print(f"machine: {cpu}, {host['cores']} cores, Python {host['python']}", flush=True)
     report: dict[str, Any] = {
-        "machine": machine(),
+        "machine": host,
+        "partitions": partitions,
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "args": vars(args),
         "worker_env": worker_env,
@@ -440,6 +645,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             pipe = await bench.pipeline(args.sessions, args.seconds, tag="main")
             bench.stop_worker()  # the direct phase shares the machine with the emulator only
+            shards: PhaseResult | None = None
+            if args.cluster:
+                bench.use_cluster(args.cluster)
+                bench.start_worker()
+                cluster_idle = await bench.idle_worker_cpu()
+                shards = await bench.pipeline(args.sessions, args.seconds, tag="cluster")
+                bench.stop_worker()
+                report["cluster"] = {
+                    "masters": args.cluster,
+                    "partitions": partitions,
+                    "idle_worker_cpu_pct": cluster_idle,
+                    "pipeline": asdict(shards),
+                }
             direct = await bench.direct(args.sessions, args.seconds)
             pacing_us = await bench.pacing(args.sessions, min(args.seconds, 10.0))
             report["pipeline"], report["direct"] = asdict(pipe), asdict(direct)
@@ -452,6 +670,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 pipe.cpu_us_per_frame["producer"] - pacing_us
             ) / (direct.cpu_us_per_frame["direct"] - pacing_us)
             report["table"] = print_table(pipe, direct, idle, pacing_us)
+            if shards is not None:
+                report["cluster"]["table"] = print_cluster_table(pipe, shards)
     finally:
         bench.stop_worker()
         bench.stop()
@@ -480,8 +700,25 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="extra environment for the worker, e.g. VOXQUEUE_MAX_FRAMES_PER_MESSAGE=5",
     )
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the pipeline load on a local Redis Cluster of N masters (0: one Redis only)",
+    )
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        help="VOXQUEUE_PARTITIONS for every run (default: 4 per shard with --cluster, else 1)",
+    )
     parser.add_argument("--out", default=str(ROOT / "ops" / "bench-results" / "latest.json"))
     args = parser.parse_args()
+    if args.cluster < 0 or args.partitions < 0:
+        parser.error("--cluster and --partitions must be >= 0")
+    if args.cluster and args.sweep:
+        parser.error("--cluster compares one pipeline run per topology; it does not combine with --sweep")
     try:
         import uvloop
 

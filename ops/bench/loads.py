@@ -61,7 +61,7 @@ def announce(word: str) -> None:
 
 async def run_producer(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(1)
-    async with Producer(args.redis_url) as producer:
+    async with Producer(args.redis_url, partitions=args.partitions) as producer:
         sessions = [await producer.open_session(sid=f"bench-{args.tag}-{i}") for i in range(args.sessions)]
         # Steady state, not a thundering herd: let the worker claim every session and open its
         # Deepgram connection before the first frame (sessions opened at once are not the
@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--redis-url")
     parser.add_argument("--deepgram-url")
     parser.add_argument("--tag", default="0")
+    parser.add_argument("--partitions", type=int, default=1, help="the deployment's VOXQUEUE_PARTITIONS")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     runner = {"producer": run_producer, "direct": run_direct, "pacing": run_pacing}[args.mode]
