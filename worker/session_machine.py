@@ -15,16 +15,22 @@ begin(options_error)                     Publish (session_started), Connect | En
 commit_point(seq, id)  (read from Redis  Note (it went backwards)
    before every connection: the
    authority, adopted even when lower)
-connected(now)                           ReadAudio (catch-up from the commit point)
-caught_up(entries, now)                  Send, Publish (gap), RejectEntry, ReadAudio | Follow | CloseInput
-live(entries, now), inbox_overflowed()   Send, Publish, RejectEntry, CloseInput | ReadAudio
-message(msg, now)   (decoded Deepgram)   Commit | Publish | Abort
+connected(now, request_id)               ReadAudio (catch-up from the commit point)
+caught_up(entries, now)                  Send, Publish (gap), RejectEntry, Finalize,
+                                         ReadAudio | Follow | CloseInput
+live(entries, now), inbox_overflowed()   Send, Publish, RejectEntry, Finalize, CloseInput | ReadAudio
+live_inline(entries, now)                the payload to send at once, or None (take the slow path)
+live_wait(now)                           seconds to let live frames gather (send interval)
+written(last_seq)  (a Send performed)    - (finals may now cover those frames)
+input_broken(detail, now)                CloseInput (the audio key cannot be read: fatal input)
+message(msg, now)   (decoded Deepgram)   CommitFinal | Publish | Note
 commit_result(commit, result)            Abort (stale) | nothing
 tick(now)                                KeepAlive | Abort (stalled) | CloseInput (abandoned)
 closed(now)  (server closed normally)    End | Abort (closed early)
 failed(failure, now)                     Publish (error) + End | Reconnect(delay)
 reconnecting()  (the delay is over)      Connect
 end_refused()   (Redis is behind us)     Connect
+fail_crash_loop(takeovers)               Publish (error) + End
 
 The delivery rules (docs/architecture.md has the why):
 
