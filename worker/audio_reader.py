@@ -34,7 +34,8 @@ log = structlog.get_logger("voxqueue.reader")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 YIELD_EVERY = 16  # inline sends between two yields to the event loop
-INLINE_SEND_SECONDS = 0.05  # bound on one inline send (see _send_inline)
+# Bound on handing one read's entries out (one timer per read, not per frame: see run).
+DELIVERY_SECONDS = 0.2
 CLUSTER_POLL_SECONDS = 0.01  # Redis Cluster, several partitions: pause after a read that found nothing
 
 
@@ -245,17 +246,28 @@ class AudioReader:
             await cluster_refresh(self.redis)
         return out
 
-    async def _send_inline(self, inline: InlineSender, entries: list[Entry]) -> bool:
-        """An inline send, bounded: it writes before its first wait, so the wait can only be a
-        socket that does not drain (a peer that stopped reading). One such socket must not hold
-        every other session's audio: after INLINE_SEND_SECONDS the reader moves on; the frames
-        were written, and that session's own stall watchdog deals with its connection."""
-        try:
-            async with asyncio.timeout(INLINE_SEND_SECONDS):
-                return await inline(entries)
-        except TimeoutError:
-            log.warning("an inline send did not complete in time; moving on", seconds=INLINE_SEND_SECONDS)
-            return True
+    async def _deliver(
+        self, reply: list[tuple[bytes, list[Entry]]], snapshot: dict[bytes, _Follower]
+    ) -> None:
+        """Hands one read's entries to their sessions: sent inline when the session takes them,
+        else into its inbox. A follower's position moves only when it is reached, so a delivery
+        cut short (see run) leaves the rest to be read again."""
+        inline_sends = 0
+        for key, entries in reply:
+            follower = snapshot.get(key)
+            # Deliver only to the follower the read was made for: a session that stopped or
+            # re-positioned while the read was in flight has moved on.
+            if not entries or follower is None or self.followers.get(key) is not follower:
+                continue
+            follower.position = entries[-1][0]
+            if follower.inline is not None and await follower.inline(entries):
+                inline_sends += 1
+                if inline_sends % YIELD_EVERY == 0:
+                    # Let transcripts coming back (and anything else ready) through between
+                    # slices of a big read, so they never wait for the whole read to go out.
+                    await asyncio.sleep(0)
+                continue
+            follower.inbox.deliver(entries)
 
     async def _drop_unreadable(self, snapshot: dict[bytes, _Follower]) -> None:
         """Unfollows the followed keys that are not streams and fails their sessions' input."""
@@ -301,22 +313,15 @@ class AudioReader:
                 await self._drop_unreadable(snapshot)
                 continue
             backoff.reset()
-            inline_sends = 0
-            for key, entries in reply:
-                follower = snapshot.get(key)
-                # Deliver only to the follower the read was made for: a session that stopped or
-                # re-positioned while the read was in flight has moved on.
-                if not entries or follower is None or self.followers.get(key) is not follower:
-                    continue
-                follower.position = entries[-1][0]
-                if follower.inline is not None and await self._send_inline(follower.inline, entries):
-                    inline_sends += 1
-                    if inline_sends % YIELD_EVERY == 0:
-                        # Let transcripts coming back (and anything else ready) through between
-                        # slices of a big read, so they never wait for the whole read to go out.
-                        await asyncio.sleep(0)
-                    continue
-                follower.inbox.deliver(entries)
+            try:
+                async with asyncio.timeout(DELIVERY_SECONDS):
+                    await self._deliver(reply, snapshot)
+            except TimeoutError:
+                # An inline send waited on a socket that does not drain (send_inline only writes
+                # below the transport's low-water mark, so this is a backstop): the followers not
+                # reached yet keep their positions and are read again at once.
+                log.warning("delivering a read took too long; reading again", seconds=DELIVERY_SECONDS)
+                continue
             # Every XREAD names every followed stream, so its cost grows with the session count;
             # when frames trickle in, reading at most once per interval lets each read carry many
             # sessions' frames (a bounded latency cost, measured in BENCHMARKS.md).

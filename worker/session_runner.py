@@ -37,6 +37,7 @@ log = structlog.get_logger("voxqueue.session")
 
 INLINE_MAX_BUFFERED = 64 * 1024  # socket write buffer beyond which the reader stops sending inline
 RECEIVER_STOP_SECONDS = 5.0  # bound on waiting for a cancelled receiver (a cancel can be lost)
+LAG_SAMPLE_EVERY = 8  # frame lag is observed on one message in 8: a histogram needs samples, not all
 RECANCEL_SECONDS = 0.05  # a receiver still running this long after cancel() is cancelled again
 
 T = TypeVar("T")
@@ -82,6 +83,7 @@ class SessionRunner:
         self.inline_busy = False
         self.inline_error: BaseException | None = None
         self.generation = 0  # one per Deepgram connection
+        self._sends = 0
 
     @property
     def epoch(self) -> int:
@@ -281,10 +283,12 @@ class SessionRunner:
         await conn.send_media(action.payload)
         self.machine.written(action.last_seq)
         METRICS.frames_sent.inc(action.frames)
-        unacked = self.machine.ledger.unacked
-        lag = entry_age(unacked[-1][1], time.time()) if unacked else None
-        if lag is not None:
-            METRICS.frame_lag.observe(max(0.0, lag))
+        self._sends += 1
+        if not self._sends % LAG_SAMPLE_EVERY:
+            unacked = self.machine.ledger.unacked
+            lag = entry_age(unacked[-1][1], time.time()) if unacked else None
+            if lag is not None:
+                METRICS.frame_lag.observe(max(0.0, lag))
 
     async def send_inline(self, entries: list[Entry]) -> bool:
         """Called by the audio reader with fresh entries: sends them from the reader's own task when
@@ -316,9 +320,11 @@ class SessionRunner:
         try:
             await conn.send_media(payload)
             METRICS.frames_sent.inc(len(entries))
-            lag = entry_age(entries[-1][0], time.time())
-            if lag is not None:
-                METRICS.frame_lag.observe(max(0.0, lag))
+            self._sends += 1
+            if not self._sends % LAG_SAMPLE_EVERY:
+                lag = entry_age(entries[-1][0], time.time())
+                if lag is not None:
+                    METRICS.frame_lag.observe(max(0.0, lag))
         except Exception as exc:
             if generation == self.generation:
                 self.inline_error = exc
