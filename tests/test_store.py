@@ -176,3 +176,39 @@ async def test_a_duplicate_sessions_entry_does_not_fence_the_owner(redis: aiored
     again = await store.acquire(sk, "w2", 5, second)
     assert again.status == "duplicate"
     assert await redis.hget(sk.state, "epoch") == b"1" and await redis.hget(sk.state, "owner") == b"w1"
+
+
+# -- what the mutation pass found unpinned: entries that are no lease leave the sessions stream
+
+
+async def test_an_entry_of_an_ended_session_or_a_retried_one_leaves_the_sessions_stream(
+    redis: aioredis.Redis,
+) -> None:
+    store, sk = store_for(redis), KEYS.session("gone")
+    entry = await start_session(redis, "gone")
+    await store.acquire(sk, "w1", 5, entry)
+    retried = await redis.xadd(KEYS.sessions(0), p.SessionStart("gone").to_fields())  # same fields
+    await redis.xreadgroup(p.WORKERS_GROUP, "w2", {KEYS.sessions(0): ">"}, count=1)
+    assert (await store.acquire(sk, "w2", 5, retried)).status == "duplicate"
+    assert [e for e, _ in await redis.xrange(KEYS.sessions(0))] == [entry]  # the retry is gone
+    assert (await redis.xpending(KEYS.sessions(0), p.WORKERS_GROUP))["pending"] == 1  # the lease stays
+    ended = standalone_event("gone", p.SESSION_ENDED, "end", reason="completed")
+    await store.finish(sk, 1, entry, status="ended", reason="completed", event=ended, frames=0)
+    # Delivered again (a group recreated, an old worker's XCLAIM): ACQUIRE says done and retires it.
+    again = await redis.xadd(KEYS.sessions(0), {"sid": "gone"})
+    await redis.hset(sk.state, "start_id", again)  # as if this entry had started the session
+    await redis.xreadgroup(p.WORKERS_GROUP, "w3", {KEYS.sessions(0): ">"}, count=1)
+    assert (await store.acquire(sk, "w3", 5, again)).status == "done"
+    assert await redis.xlen(KEYS.sessions(0)) == 0
+    assert (await redis.xpending(KEYS.sessions(0), p.WORKERS_GROUP))["pending"] == 0
+
+
+async def test_retire_and_trim_remove_entries_and_trim_tolerates_a_missing_stream(
+    redis: aioredis.Redis,
+) -> None:
+    store = store_for(redis)
+    assert await store.trim_sessions(KEYS.sessions(0)) == 0  # no stream at all: nothing, no error
+    entry = await start_session(redis, "dupe")
+    await store.retire_entry(KEYS.sessions(0), entry)
+    assert await redis.xlen(KEYS.sessions(0)) == 0
+    assert (await redis.xpending(KEYS.sessions(0), p.WORKERS_GROUP))["pending"] == 0
