@@ -21,6 +21,7 @@ from redis.exceptions import ResponseError
 from producer import protocol as p
 from producer.audio import marker_frame
 from producer.client import Producer
+from tests.harness import CLOSE_SECONDS, bounded, stop_pool
 from worker import lua
 from worker.config import load_settings
 from worker.emulator import EmulatorServer
@@ -481,9 +482,8 @@ async def test_the_renew_loop_stops_a_session_whose_lease_was_lost() -> None:
                         late = [i for i, epoch in enumerate(epochs) if epoch < max(epochs[: i + 1])]
                         assert not late, f"{key}: an older epoch wrote after a newer one: {epochs}"
             finally:
-                pool.stop_requested.set()
-                await asyncio.wait_for(running, 15)
-                await redis.aclose()
+                await stop_pool(pool, running)  # bounded, as every teardown
+                await bounded(redis.aclose(), CLOSE_SECONDS, "closing the redis client")
 
 
 async def poll(

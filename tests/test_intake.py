@@ -16,7 +16,15 @@ import structlog
 from producer import protocol as p
 from producer.audio import marker_frame
 from producer.options import validate_options
-from tests.harness import assert_perfect, check_marker_session, session_events, wait_until_ended
+from tests.harness import (
+    CLOSE_SECONDS,
+    assert_perfect,
+    bounded,
+    check_marker_session,
+    session_events,
+    stop_pool,
+    wait_until_ended,
+)
 from tests.test_session_rules_e2e import rig
 from tests.test_store import final, redis, start_session, store_for  # noqa: F401  (redis: fixture)
 from worker.config import load_settings
@@ -438,9 +446,8 @@ async def test_ten_thousand_session_entries_leave_the_stream_empty(redis_server:
         assert await client.xlen(KEYS.dead(0)) == 5_000  # one dead letter per rejected entry
         print(f"10,000 entries handled in {elapsed:.2f} s")
     finally:
-        pool.stop_requested.set()
-        await asyncio.wait_for(task, 15)
-        await client.aclose()
+        await stop_pool(pool, task)  # bounded, as every teardown
+        await bounded(client.aclose(), CLOSE_SECONDS, "closing the redis client")
 
 
 # ------------------------------------------------------------------------------ (g) never twice

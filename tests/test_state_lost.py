@@ -26,6 +26,7 @@ from producer import protocol as p
 from producer.audio import marker_frame
 from producer.client import Producer, SessionLost, connect
 from producer.transcripts import follow_session
+from tests.harness import CLOSE_SECONDS, bounded, stop_pool
 from worker.config import load_settings
 from worker.emulator import EmulatorServer
 from worker.metrics import METRICS
@@ -67,9 +68,8 @@ async def rig(**settings: Any) -> AsyncIterator[Rig]:
                 async with Producer(client) as producer:
                     yield Rig(server, client, producer, pool, logs)
             finally:
-                pool.stop_requested.set()
-                await asyncio.wait_for(task, 15)
-                await client.aclose()
+                await stop_pool(pool, task)  # bounded, as every teardown
+                await bounded(client.aclose(), CLOSE_SECONDS, "closing the redis client")
 
 
 def metric(name: str) -> float:
