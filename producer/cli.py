@@ -478,20 +478,48 @@ def replay(
         raise BadInput("--session must differ from the replayed SESSION")
 
     async def main(client: aioredis.Redis) -> None:
-        keys = Keys(namespace=namespace, partitions=partitions)
-        start = await find_session_start(client, keys, old_sid)
-        fmt = start.format if start else AudioFormat()
-        pcm = await recorded_audio(client, keys, old_sid, fmt.frame_bytes, fmt.silence_byte)
-        if start is None:
-            click.echo(f"warning: the start entry of {old_sid} is gone; using defaults", err=True)
-        try:
-            options = validate_options({**(start.options if start else {}), **overrides})
-        except ProtocolError as exc:
-            raise BadInput(f"recorded options of {old_sid} are not allowed: {exc}") from None
-        labels = {**(start.labels if start else {}), "replay_of": old_sid}
-        await _produce(client, namespace, partitions, sid, fmt, options, labels, pcm, speed, follow, as_json)
+        await rerun_session(
+            client,
+            namespace,
+            partitions,
+            old_sid,
+            sid,
+            overrides,
+            {"replay_of": old_sid},
+            speed,
+            follow,
+            as_json,
+        )
 
     _run(redis_url, main)
+
+
+async def rerun_session(
+    client: aioredis.Redis,
+    namespace: str,
+    partitions: int,
+    old_sid: str,
+    sid: str | None,
+    overrides: dict[str, Any],
+    extra_labels: dict[str, str],
+    speed: float,
+    follow: bool,
+    as_json: bool,
+) -> None:
+    """Sends a retained session's recorded audio again as a new session, in its format, with its
+    options (plus `overrides`) and labels (plus `extra_labels`): `replay` and `dead requeue`."""
+    keys = Keys(namespace=namespace, partitions=partitions)
+    start = await find_session_start(client, keys, old_sid)
+    fmt = start.format if start else AudioFormat()
+    pcm = await recorded_audio(client, keys, old_sid, fmt.frame_bytes, fmt.silence_byte)  # BadInput: gone
+    if start is None:
+        click.echo(f"warning: the start entry of {old_sid} is gone; using defaults", err=True)
+    try:
+        options = validate_options({**(start.options if start else {}), **overrides})
+    except ProtocolError as exc:
+        raise BadInput(f"recorded options of {old_sid} are not allowed: {exc}") from None
+    labels = {**(start.labels if start else {}), **extra_labels}
+    await _produce(client, namespace, partitions, sid, fmt, options, labels, pcm, speed, follow, as_json)
 
 
 async def find_session_start(client: aioredis.Redis, keys: Keys, sid: str) -> SessionStart | None:

@@ -22,8 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from producer import protocol as p
-from producer.cli import BadInput, _produce, _run, find_session_start, recorded_audio, redis_options
-from producer.options import validate_options
+from producer.cli import BadInput, _run, redis_options, rerun_session
 
 LEASE_OPTION = click.option(
     "--lease-seconds",
@@ -338,17 +337,8 @@ def requeue(dead_id: str, speed: float, redis_url: str, namespace: str, partitio
             p.validate_sid(old_sid)
         except p.ProtocolError:
             raise BadInput(f"dead letter {dead_id} names no valid session: nothing to run again") from None
-        start = await find_session_start(client, keys, old_sid)
-        fmt = start.format if start else p.AudioFormat()
-        pcm = await recorded_audio(
-            client, keys, old_sid, fmt.frame_bytes, fmt.silence_byte
-        )  # BadInput when expired
-        try:
-            options = validate_options(start.options if start else {})
-        except p.ProtocolError as exc:
-            raise BadInput(f"recorded options of {old_sid} are not allowed: {exc}") from None
-        labels = {**(start.labels if start else {}), "requeue_of": old_sid, "dead_letter": dead_id}
-        await _produce(client, namespace, partitions, None, fmt, options, labels, pcm, speed, False, False)
+        labels = {"requeue_of": old_sid, "dead_letter": dead_id}
+        await rerun_session(client, namespace, partitions, old_sid, None, {}, labels, speed, False, False)
 
     _run(redis_url, main)
 
