@@ -20,6 +20,7 @@ _STR: Final = "str"
 _INT: Final = "int"
 _STR_LIST: Final = "str_list"
 _BOOL_OR_INT: Final = "bool_or_int"
+_FLOAT: Final = "float"  # Flux thresholds: a finite number in the option's documented range
 
 # name -> kind. Deliberately excluded: callback, callback_method (exfiltration), encoding,
 # sample_rate, channels, multichannel (set by the worker from the session's audio format).
@@ -53,6 +54,36 @@ ALLOWED_OPTIONS: Final[dict[str, str]] = {
     "extra": _STR_LIST,
 }
 KINDS: Final = frozenset({_BOOL, _STR, _INT, _STR_LIST, _BOOL_OR_INT})
+
+# Deepgram Flux (`/v2/listen`, turn-based recognition for voice agents). A session is a Flux session
+# when its `model` is a Flux model (`flux-…`): Flux models exist only on v2, and v2 serves only them,
+# so the model alone decides the API, as it does on Deepgram. v2 takes its own, shorter list of
+# query options (deepgram-sdk 7.x `listen.v2.connect`); the end-of-turn knobs have documented ranges.
+FLUX_MODEL_PREFIX: Final = "flux-"
+ALLOWED_V2_OPTIONS: Final[dict[str, str]] = {
+    "model": _STR,
+    "eager_eot_threshold": _FLOAT,
+    "eot_threshold": _FLOAT,
+    "eot_timeout_ms": _INT,
+    "keyterm": _STR_LIST,
+    "language_hint": _STR_LIST,
+    "profanity_filter": _BOOL,
+    "numerals": _BOOL,
+    "redact": _STR_LIST,
+    "mip_opt_out": _BOOL,
+    "tag": _STR_LIST,
+}
+# (low, high) of the Flux end-of-turn settings, as Deepgram documents them; an eot_threshold of 1.0
+# turns the model's own end-of-turn detection off (every turn then ends by `force_end_turn`).
+V2_RANGES: Final[dict[str, tuple[float, float]]] = {
+    "eager_eot_threshold": (0.3, 0.9),
+    "eot_threshold": (0.5, 1.0),
+    "eot_timeout_ms": (500, 10_000),
+}
+# What Flux takes: mono audio, and these sample rates (no 32 kHz).
+V2_SAMPLE_RATES: Final = (8000, 16000, 24000, 44100, 48000)
+# The thresholds a `configure` control entry may change mid-session (Deepgram's Configure message).
+CONFIGURE_THRESHOLDS: Final = ("eager_eot_threshold", "eot_threshold", "eot_timeout_ms")
 # Never allowed, whatever a deployment configures: callback/callback_method would make Deepgram post
 # transcripts to a URL the producer chose; the format options must match the frames the worker
 # sends, so the worker sets them from the session's audio format.
@@ -103,17 +134,70 @@ def allowed_kind(name: str) -> str | None:
     return ALLOWED_OPTIONS.get(name) or _extra_options.get(name)
 
 
-def validate_options(options: dict[str, Any]) -> dict[str, Any]:
+def is_flux(options: dict[str, Any]) -> bool:
+    """Whether these (raw or validated) options make a Flux session (Deepgram `/v2/listen`)."""
+    model = options.get("model")
+    return isinstance(model, str) and model.startswith(FLUX_MODEL_PREFIX)
+
+
+def validate_options(options: dict[str, Any], fmt: AudioFormat | None = None) -> dict[str, Any]:
     """Return the options normalised to Deepgram's query form (strings, lists of strings).
 
-    Raises ProtocolError naming the first offending option.
+    A Flux model selects Deepgram's v2 API and its own allow-list; with `fmt`, the session's audio
+    format is checked against what that API takes. Raises ProtocolError naming the first offending
+    option.
     """
+    if is_flux(options):
+        return _validate_v2(options, fmt)
     out: dict[str, Any] = {}
     for name, value in options.items():
         kind = allowed_kind(name)
         if kind is None:
             raise ProtocolError("option_not_allowed", f"Deepgram option {name!r} is not allowed")
         out[name] = _normalise(name, kind, value)
+    return out
+
+
+def _validate_v2(options: dict[str, Any], fmt: AudioFormat | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        kind = ALLOWED_V2_OPTIONS.get(name)
+        if kind is None:
+            raise ProtocolError(
+                "option_not_allowed", f"Deepgram option {name!r} is not allowed with a Flux model"
+            )
+        out[name] = _normalise(name, kind, value)
+        if name in V2_RANGES:
+            low, high = V2_RANGES[name]
+            if not low <= float(out[name]) <= high:
+                raise ProtocolError("bad_option", f"option {name!r} must be within {low:g}..{high:g}")
+    if fmt is not None:
+        if fmt.channels != 1:
+            raise ProtocolError("bad_format", "Flux models take mono audio only (channels 1)")
+        if fmt.sample_rate not in V2_SAMPLE_RATES:
+            rates = ", ".join(str(r) for r in V2_SAMPLE_RATES)
+            raise ProtocolError("bad_format", f"Flux models take sample rates {rates}, not {fmt.sample_rate}")
+    return out
+
+
+def validate_thresholds(thresholds: Any) -> dict[str, str]:
+    """A `configure` control entry's thresholds: a non-empty object of Flux end-of-turn settings,
+    each in range. Returns them normalised (strings, as on the query string)."""
+    if not isinstance(thresholds, dict) or not thresholds:
+        raise ProtocolError("bad_configure", "configure must be a non-empty JSON object of thresholds")
+    out: dict[str, str] = {}
+    for name, value in thresholds.items():
+        if name not in CONFIGURE_THRESHOLDS:
+            allowed = ", ".join(CONFIGURE_THRESHOLDS)
+            raise ProtocolError("bad_configure", f"configure may set {allowed}; not {str(name)[:40]!r}")
+        try:
+            text = _normalise(name, ALLOWED_V2_OPTIONS[name], value)
+        except ProtocolError as exc:
+            raise ProtocolError("bad_configure", str(exc)) from None
+        low, high = V2_RANGES[name]
+        if not low <= float(text) <= high:
+            raise ProtocolError("bad_configure", f"{name} must be within {low:g}..{high:g}")
+        out[name] = text
     return out
 
 
@@ -134,6 +218,15 @@ def parse_option_pairs(pairs: list[str]) -> dict[str, Any]:
     return validate_options(out)
 
 
+def connect_kwargs_v2(options: dict[str, Any], fmt: AudioFormat | None = None) -> dict[str, Any]:
+    """Validated Flux options as keyword arguments for `listen.v2.connect`, with the audio format as
+    `encoding` and `sample_rate` (Flux is mono: no channel options)."""
+    kwargs = dict(options)
+    if fmt is not None:
+        kwargs.update(encoding=fmt.encoding, sample_rate=str(fmt.sample_rate))
+    return kwargs
+
+
 def connect_kwargs(options: dict[str, Any], fmt: AudioFormat | None = None) -> dict[str, Any]:
     """Options as keyword arguments for `listen.v1.connect` (model is required by the SDK), with
     the audio format as Deepgram's `encoding`, `sample_rate`, `channels` and, for more than one
@@ -152,6 +245,8 @@ def _normalise(name: str, kind: str, value: Any) -> Any:
         return _bool(name, value)
     if kind == _INT:
         return _int(name, value)
+    if kind == _FLOAT:
+        return _float(name, value)
     if kind == _BOOL_OR_INT:
         try:
             return _bool(name, value)
@@ -194,6 +289,19 @@ def _int(name: str, value: Any) -> str:
     if not 0 <= number <= MAX_INT_OPTION:
         raise ProtocolError("bad_option", f"option {name!r} is out of range (0..{MAX_INT_OPTION})")
     return str(number)
+
+
+def _float(name: str, value: Any) -> str:
+    """A finite number (a JSON number or its decimal text), as the shortest decimal text."""
+    number: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value) if abs(value) < 1e300 else None
+    elif isinstance(value, str) and len(value) <= 16:
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if number is None or not math.isfinite(number):
+        raise ProtocolError("bad_option", f"option {name!r} must be a number, not {_preview(value)}")
+    return repr(number)
 
 
 def _text(name: str, value: Any) -> str:

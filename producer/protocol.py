@@ -52,6 +52,13 @@ END_FIELDS: Final = frozenset({F_END, F_END_FRAMES})
 # pause. The session goes on. Its value is ignored ("1" by convention).
 F_FINALIZE: Final = "finalize"
 FINALIZE_FIELDS: Final = frozenset({F_FINALIZE})
+# Control entries of Flux sessions (model `flux-…`, Deepgram's v2 API). `force_end_turn` ends the
+# turn in progress now (Deepgram's ForceEndTurn: its EndOfTurn carries trigger `manual`); its value
+# is ignored. `configure` changes end-of-turn thresholds mid-session (Deepgram's Configure): its
+# value is a JSON object of `eager_eot_threshold`, `eot_threshold`, `eot_timeout_ms`.
+F_FORCE_END_TURN: Final = "force_end_turn"
+F_CONFIGURE: Final = "configure"
+MAX_CONFIGURE_BYTES: Final = 1024
 
 # Fields of a results stream entry. `e` holds the whole event as msgpack; the others repeat a few
 # values as plain strings so that `redis-cli XRANGE` is readable and consumers can filter cheaply.
@@ -66,10 +73,11 @@ PARTIAL: Final = "partial"
 FINAL: Final = "final"
 SPEECH_STARTED: Final = "speech_started"
 UTTERANCE_END: Final = "utterance_end"
+TURN: Final = "turn"  # Flux sessions: one per TurnInfo (EndOfTurn is the committed one)
 SESSION_ENDED: Final = "session_ended"
 ERROR: Final = "error"
 EVENT_TYPES: Final = frozenset(
-    {SESSION_STARTED, PARTIAL, FINAL, SPEECH_STARTED, UTTERANCE_END, SESSION_ENDED, ERROR}
+    {SESSION_STARTED, PARTIAL, FINAL, SPEECH_STARTED, UTTERANCE_END, TURN, SESSION_ENDED, ERROR}
 )
 
 # Session statuses kept in the state hash.
@@ -368,12 +376,37 @@ class FinalizeMarker:
     """`finalize` control entry (see F_FINALIZE)."""
 
 
+@dataclass(frozen=True, slots=True)
+class ForceEndTurnMarker:
+    """`force_end_turn` control entry of a Flux session (see F_FORCE_END_TURN)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigureMarker:
+    """`configure` control entry of a Flux session: the thresholds as the producer wrote them
+    (a JSON object; their names and ranges are checked by producer.options.validate_thresholds)."""
+
+    thresholds: dict[str, Any]
+
+
+ControlMarker = FinalizeMarker | ForceEndTurnMarker | ConfigureMarker
+AudioItem = Frame | EndMarker | FinalizeMarker | ForceEndTurnMarker | ConfigureMarker
+
+
 def frame_fields(seq: int, pcm: bytes) -> dict[str, bytes | str]:
     return {F_SEQ: str(seq), F_PCM: pcm}
 
 
 def finalize_fields() -> dict[str, str]:
     return {F_FINALIZE: "1"}
+
+
+def force_end_turn_fields() -> dict[str, str]:
+    return {F_FORCE_END_TURN: "1"}
+
+
+def configure_fields(thresholds: dict[str, Any]) -> dict[str, str]:
+    return {F_CONFIGURE: json.dumps(thresholds, separators=(",", ":"), sort_keys=True)}
 
 
 def end_fields(frames: int | None = None) -> dict[str, str]:
@@ -386,13 +419,23 @@ def end_fields(frames: int | None = None) -> dict[str, str]:
 _PLAIN_SEQ: Final = re.compile(rb"0|[1-9][0-9]{0,17}")
 
 
-def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> Frame | EndMarker | FinalizeMarker:
+def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> AudioItem:
     """Decode one audio stream entry, raising ProtocolError for anything off-contract."""
     if b"finalize" in raw:
         if len(raw) != 1:
             others = sorted({_text(k) for k in raw} - FINALIZE_FIELDS)
             raise ProtocolError("unknown_fields", f"finalize entry has other fields: {others}")
         return FinalizeMarker()
+    if b"force_end_turn" in raw:
+        if len(raw) != 1:
+            others = sorted({_text(k) for k in raw} - {F_FORCE_END_TURN})
+            raise ProtocolError("unknown_fields", f"force_end_turn entry has other fields: {others}")
+        return ForceEndTurnMarker()
+    if b"configure" in raw:
+        if len(raw) != 1:
+            others = sorted({_text(k) for k in raw} - {F_CONFIGURE})
+            raise ProtocolError("unknown_fields", f"configure entry has other fields: {others}")
+        return ConfigureMarker(_json_object(raw[b"configure"], "configure", MAX_CONFIGURE_BYTES, 1))
     if b"end" in raw:
         unknown = {_text(k) for k in raw} - END_FIELDS
         if unknown:

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     send_interval_ms: int = Field(
         0, ge=0, le=250, description="coalesce frames for up to this long per message; 0 = send what waits"
     )
+    flux_send_interval_ms: int = Field(
+        80,
+        ge=0,
+        le=250,
+        description="Flux sessions: coalesce live frames for this long (Deepgram recommends 80 ms messages)",
+    )
     max_frames_per_message: int = Field(12, ge=1, le=250)
 
     # Sessions.

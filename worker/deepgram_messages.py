@@ -182,3 +182,140 @@ _DECODERS: dict[str, Callable[[dict[str, Any]], Message]] = {
     ),
     "Error": lambda d: ErrorMessage(str(d.get("variant", "")), str(d.get("description", ""))),
 }
+
+
+# --------------------------------------------------------------------------- Flux (/v2/listen)
+#
+# Flux answers with other message types than v1 (and its `Error` has other fields), so v2 has its
+# own dispatch table. Field names follow the SDK's ListenV2* models; times are connection-relative
+# seconds, as on v1.
+
+TURN_EVENTS = frozenset({"Update", "StartOfTurn", "EagerEndOfTurn", "TurnResumed", "EndOfTurn"})
+MAX_TURN_INDEX = 10_000_000
+MAX_LANGUAGES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class TurnWord:
+    word: str
+    confidence: float
+    start: float | None = None
+    end: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnInfo:
+    event: str
+    turn_index: int
+    audio_window_start: float
+    audio_window_end: float
+    transcript: str
+    words: list[TurnWord]
+    end_of_turn_confidence: float
+    request_id: str = ""
+    trigger: str | None = None  # EndOfTurn only: model, manual, timeout (an open set)
+    languages: list[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigureReply:
+    ok: bool
+    code: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FluxWarning:
+    code: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class FatalError:
+    code: str
+    description: str
+
+
+MessageV2 = TurnInfo | Connected | ConfigureReply | FluxWarning | FatalError
+
+
+def decode_v2(raw: str | bytes) -> MessageV2:
+    """One Flux server message; anything off-shape is an UnknownMessage, as for v1."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise UnknownMessage(f"message of {len(raw)} bytes is too large")
+    try:
+        data = json.loads(raw)
+        kind = data["type"]
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        raise UnknownMessage("not a Deepgram message") from None
+    if not isinstance(kind, str):
+        raise UnknownMessage("message `type` is not a string")
+    decoder = _DECODERS_V2.get(kind)
+    if decoder is None:
+        raise UnknownMessage(f"unknown message type {kind!r}")
+    try:
+        message: MessageV2 = decoder(data)
+    except Exception as exc:  # hostile input: any shape error is this one message's problem
+        raise UnknownMessage(f"malformed {kind} message: {type(exc).__name__}") from None
+    return message
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("not a number")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError("not finite")
+    return number
+
+
+def _turn_info(d: dict[str, Any]) -> TurnInfo:
+    event = d["event"]
+    if event not in TURN_EVENTS:
+        raise ValueError("unknown turn event")
+    index = d["turn_index"]
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= MAX_TURN_INDEX:
+        raise ValueError("turn_index is not a small non-negative integer")
+    start, end = _time(d["audio_window_start"]), _time(d["audio_window_end"])
+    if end < start:
+        raise ValueError("audio window ends before it starts")
+    words = [
+        TurnWord(
+            str(w["word"]),
+            _number(w["confidence"]),
+            _time(w["start"]) if w.get("start") is not None else None,
+            _time(w["end"]) if w.get("end") is not None else None,
+        )
+        for w in d["words"]
+    ]
+    trigger = d.get("trigger")
+    languages = d.get("languages")
+    return TurnInfo(
+        event,
+        index,
+        start,
+        end,
+        str(d["transcript"]),
+        words,
+        _number(d["end_of_turn_confidence"]),
+        str(d.get("request_id", "")),
+        str(trigger) if trigger is not None else None,
+        [str(x) for x in languages][:MAX_LANGUAGES] if isinstance(languages, list) else None,
+    )
+
+
+_DECODERS_V2: dict[str, Callable[[dict[str, Any]], MessageV2]] = {
+    "TurnInfo": _turn_info,
+    "Connected": lambda d: Connected(str(d.get("request_id", ""))),
+    "ConfigureSuccess": lambda d: ConfigureReply(True),
+    "ConfigureFailure": lambda d: ConfigureReply(
+        False, str(d.get("code") or ""), str(d.get("description") or "")
+    ),
+    "Warning": lambda d: FluxWarning(str(d.get("code", "")), str(d.get("description", ""))),
+    "Error": lambda d: FatalError(str(d.get("code", "")), str(d.get("description", ""))),
+}

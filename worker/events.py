@@ -95,6 +95,46 @@ class EventFactory:
             word["speaker"] = w.speaker
         return word
 
+    def turn(self, msg: Any, turn_index: int, commit: Commit | None, request_id: str) -> dict[str, Any]:
+        """A `turn` event from a Flux TurnInfo: `turn_index` is session-global (Deepgram's restarts
+        at 0 on every connection) and times are session-relative. EndOfTurn is the committed one
+        (`commit`: the frames it covers), one per turn: its id names only the turn. The other
+        events are best effort; their ids name the turn, the event and the audio position, so a
+        replay of the same audio repeats the same ids (readers may drop what they saw)."""
+        start = self.ledger.session_time(msg.audio_window_start)
+        end = self.ledger.session_time(msg.audio_window_end)
+        if commit is not None:
+            detail = f"t{turn_index}"
+        else:
+            detail = f"t{turn_index}/{msg.event}/{self.ledger.seq_at(msg.audio_window_end)}"
+        event = self._base(p.TURN, detail)
+        words = []
+        for w in msg.words:
+            word: dict[str, Any] = {"word": w.word, "confidence": w.confidence}
+            if w.start is not None:
+                word["start"] = self.ledger.session_time(w.start)
+            if w.end is not None:
+                word["end"] = self.ledger.session_time(w.end)
+            words.append(word)
+        event.update(
+            event=msg.event,
+            turn_index=turn_index,
+            start=start,
+            end=end,
+            transcript=msg.transcript,
+            words=words,
+            end_of_turn_confidence=msg.end_of_turn_confidence,
+            is_final=commit is not None,
+            request_id=msg.request_id or request_id,
+        )
+        if msg.trigger is not None:
+            event["trigger"] = msg.trigger
+        if msg.languages:
+            event["languages"] = msg.languages
+        if commit is not None:
+            event.update(seq_from=commit.seq_from, seq_to=commit.seq_to)
+        return event
+
     def speech_started(self, msg: Any, request_id: str) -> dict[str, Any]:
         start = self.ledger.session_time(msg.timestamp)
         channel = _channel_of(msg) if self.channels > 1 else 0

@@ -225,6 +225,16 @@ return 'ok'
 """
 )
 
+# KEYS: state. ARGV: epoch, thresholds (JSON object)
+# A Flux session's end-of-turn thresholds as its `configure` entries left them, kept in the state
+# hash so that a new connection, or a new owner, starts with them: the entries that set them may
+# lie before the commit point, where a replay never reads.
+SAVE_CONFIGURE: Final = """
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'fenced' end
+redis.call('HSET', KEYS[1], 'configure', ARGV[2])
+return 'ok'
+"""
+
 # KEYS: state, session results, partition results, audio, sessions, dead
 # ARGV: epoch, maxlen, sessions_entry_id, retention_s, status, reason, type, sid, text, e,
 #       dead_reason ('' = no dead letter), frames, expect_committed ('' = no check)

@@ -56,6 +56,7 @@ from enum import Enum
 from typing import Any
 
 from producer import protocol as p
+from producer.options import validate_thresholds
 from worker import deepgram_messages as dm
 from worker.backoff import Backoff
 from worker.events import EventFactory
@@ -93,9 +94,16 @@ class Rules:
     send_interval: float = 0.0  # seconds: hold live frames this long to send fewer, larger messages
     channels: int = 1  # 2: Deepgram finalizes each channel on its own (per-channel commit marks)
     silence_byte: int = 0  # what fills a gap: 0 in linear16, 0xFF in μ-law, 0xD5 in A-law
+    # Deepgram Flux (v2): turns instead of finals; see `_turn_info`.
+    flux: bool = False
+    # Silence after the last turn is committed on Flux's Updates, but only up to this far behind
+    # the audio Flux has heard: a turn is declared some time after its speech begins, and a replay
+    # must start before that speech.
+    flux_idle_guard: float = 2.0
 
     @classmethod
-    def from_settings(cls, settings: Any, fmt: p.AudioFormat) -> Rules:
+    def from_settings(cls, settings: Any, fmt: p.AudioFormat, flux: bool = False) -> Rules:
+        interval_ms = settings.flux_send_interval_ms if flux else settings.send_interval_ms
         return cls(
             frame_seconds=fmt.frame_seconds,
             frame_bytes=fmt.frame_bytes,
@@ -110,9 +118,10 @@ class Rules:
             catchup_burst_seconds=settings.catchup_burst_seconds,
             backoff_initial=settings.backoff_initial,
             backoff_max=settings.backoff_max,
-            send_interval=settings.send_interval_ms / 1000,
+            send_interval=interval_ms / 1000,
             channels=fmt.channels,
             silence_byte=fmt.silence_byte,
+            flux=flux,
         )
 
 
@@ -197,6 +206,27 @@ class Finalize:
 
 
 @dataclass(frozen=True, slots=True)
+class ForceEndTurn:
+    """Send Flux's ForceEndTurn (a `force_end_turn` or `finalize` entry of a Flux session): the turn
+    in progress ends now. Comes after the Sends of the frames before the entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Configure:
+    """Send Flux's Configure with these thresholds (a `configure` entry, or the session's saved
+    thresholds at the start of a connection)."""
+
+    thresholds: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SaveConfigure:
+    """Keep the session's current thresholds in Redis (fenced), for its next connection or owner."""
+
+    thresholds: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class CloseInput:
     """No more audio: Finalize, CloseStream, then read until the server closes (feed `closed`)."""
 
@@ -251,6 +281,9 @@ Action = (
     | Send
     | KeepAlive
     | Finalize
+    | ForceEndTurn
+    | Configure
+    | SaveConfigure
     | CloseInput
     | Abort
     | Reconnect
@@ -314,6 +347,8 @@ class SessionMachine:
     clock: LinkClock = field(init=False)
     backoff: Backoff = field(init=False)
     silence: bytes = field(init=False)
+    turn_open: bool = False  # Flux: a turn started on this connection and has not ended
+    configure: dict[str, str] = field(default_factory=dict)  # Flux: thresholds set mid-session
 
     def __post_init__(self) -> None:
         r = self.rules
@@ -365,7 +400,12 @@ class SessionMachine:
         return [Publish(started, once=STARTED_FLAG), Connect()]
 
     def commit_point(
-        self, seq: int, entry_id: bytes, finals: int | None = None, marks: list[int] | None = None
+        self,
+        seq: int,
+        entry_id: bytes,
+        finals: int | None = None,
+        marks: list[int] | None = None,
+        configure: dict[str, str] | None = None,
     ) -> list[Note]:
         """Redis's commit point, read just before a connection opens. Redis is the authority:
         ahead of us (a commit whose reply was lost) or behind (Redis lost its last writes), it is
@@ -392,6 +432,13 @@ class SessionMachine:
             ledger.adopt_marks(seq, marks or [], self.rules.channels)
         if finals is not None:
             self.finals = finals
+        if configure:
+            # Thresholds a `configure` entry set, kept in Redis: what Redis has is the latest
+            # (our own saves reach it before the Configure is sent), and a new owner has no other.
+            try:
+                self.configure = validate_thresholds(configure)
+            except p.ProtocolError as exc:
+                notes.append(Note("saved_configure_ignored", "warning", {"reason": str(exc)}))
         return notes
 
     def connected(self, now: float, request_id: str = "") -> list[Action]:
@@ -407,12 +454,16 @@ class SessionMachine:
         self.replies = 0
         self.request_id = request_id
         self.finalized_at = -1
+        self.turn_open = False
         if self.closing is not None:
             # Input had already stopped (end marker, fatal input) when the connection failed:
             # replay up to the same point and close again. The catch-up read finds that point.
             self.closing = None
             self.end_seen = False
         self.phase = Phase.CATCHING_UP
+        if self.rules.flux and self.configure:
+            # A new connection starts with the query's thresholds: re-apply the session's own.
+            return [Configure(dict(self.configure)), ReadAudio(self.last_read_id)]
         return [ReadAudio(self.last_read_id)]
 
     # ---------------------------------------------------------------------------------- audio
@@ -505,7 +556,8 @@ class SessionMachine:
 
     def _process(self, entries: list[Entry], now: float) -> list[Action]:
         """Decodes entries in stream order and turns them into actions."""
-        self.last_input_at = now
+        if entries:  # an empty catch-up read after a reconnect is no sign of a producer
+            self.last_input_at = now
         ledger = self.ledger
         rules = self.rules
         actions: list[Action] = []
@@ -517,7 +569,26 @@ class SessionMachine:
             except p.ProtocolError as exc:
                 actions.append(self._reject(entry_id, exc.code, str(exc)))
                 continue
-            if isinstance(item, p.FinalizeMarker):
+            if isinstance(item, p.ConfigureMarker | p.ForceEndTurnMarker) and not rules.flux:
+                actions.append(
+                    self._reject(entry_id, "not_flux", "control entry for Flux sessions (model flux-…) only")
+                )
+                continue
+            if isinstance(item, p.ConfigureMarker):
+                try:
+                    thresholds = validate_thresholds(item.thresholds)
+                except p.ProtocolError as exc:
+                    actions.append(self._reject(entry_id, exc.code, str(exc)))
+                    continue
+                self._flush(batch, now, actions)
+                batch = []
+                self.configure = {**self.configure, **thresholds}
+                # Saved before it is sent: a new connection or owner then starts with it even if
+                # this one dies right after sending it.
+                actions.append(SaveConfigure(dict(self.configure)))
+                actions.append(Configure(thresholds))
+                continue
+            if isinstance(item, p.FinalizeMarker | p.ForceEndTurnMarker):
                 # Only when frames went out since the last one: a burst of finalize entries (or
                 # one with nothing before it) costs Deepgram nothing. A replay re-sends it, and
                 # the finals that answer are committed like any other.
@@ -525,7 +596,8 @@ class SessionMachine:
                     self._flush(batch, now, actions)
                     batch = []
                     self.finalized_at = ledger.next_seq
-                    actions.append(Finalize())
+                    # On Flux, `finalize` means what ForceEndTurn does: the words so far, final now.
+                    actions.append(ForceEndTurn() if rules.flux else Finalize())
                 continue
             if isinstance(item, p.EndMarker):
                 self.end_seen = True
@@ -656,7 +728,8 @@ class SessionMachine:
             return actions
         if self.clock.keepalive_due(now):
             self.clock.keepalive_sent(now)
-            actions.append(KeepAlive())
+            if not self.rules.flux:  # Flux's protocol has no KeepAlive message
+                actions.append(KeepAlive())
         if self.phase is Phase.LIVE and now - self.last_input_at >= self.rules.idle_timeout:
             actions.append(Note("abandoned", "warning", {"idle_s": self.rules.idle_timeout}))
             self._stop_input(actions, _Closing(p.STATUS_ENDED, p.END_ABANDONED), now)
@@ -673,12 +746,26 @@ class SessionMachine:
 
     # ---------------------------------------------------------------------------------- deepgram
 
-    def message(self, msg: dm.Message, now: float) -> list[Action]:
+    def message(self, msg: dm.Message | dm.MessageV2, now: float) -> list[Action]:
         """A decoded message from Deepgram on the current connection."""
         if self.phase not in (Phase.CATCHING_UP, Phase.LIVE, Phase.CLOSING):
             return []
         self.clock.reply_received(now)
         self.replies += 1
+        if isinstance(msg, dm.TurnInfo):
+            return self._turn_info(msg)
+        if isinstance(msg, dm.Connected):
+            self.request_id = msg.request_id or self.request_id
+            return []
+        if isinstance(msg, dm.ConfigureReply):
+            if msg.ok:
+                return []
+            self.errors += 1
+            text = f"Deepgram refused a configure: {msg.code or 'no code'}: {msg.description}"[:500]
+            return [Publish(self.events.error("configure_failed", text, False, self.errors))]
+        if isinstance(msg, dm.FluxWarning | dm.FatalError):
+            what = "deepgram_warning" if isinstance(msg, dm.FluxWarning) else "deepgram_error_message"
+            return [Note(what, "warning", {"code": msg.code, "description": msg.description[:500]})]
         if isinstance(msg, dm.Results):
             if msg.metadata is not None:
                 self.request_id = msg.metadata.request_id
@@ -723,6 +810,48 @@ class SessionMachine:
                 {"variant": getattr(msg, "variant", ""), "description": getattr(msg, "description", "")},
             )
         ]
+
+    def _turn_info(self, msg: dm.TurnInfo) -> list[Action]:
+        """Flux's turn events. EndOfTurn is Flux's final: it is committed together with the frames
+        up to its audio window's end, in one fenced step, so a new connection or owner replays from
+        the end of the last committed turn and each turn ends exactly once. The turn index is the
+        count of turns committed before it (Deepgram's restarts at 0 on every connection, and a
+        replayed turn must keep its number); every other event of a turn carries the index that
+        turn will have. Events of other kinds are best effort."""
+        ledger = self.ledger
+        if msg.event == "EndOfTurn":
+            self.turn_open = False
+            commit = ledger.coverage(0.0, msg.audio_window_end)
+            if commit is None:
+                if msg.transcript:
+                    fields = {"audio_window_end": msg.audio_window_end, "committed_seq": ledger.committed_seq}
+                    return [Note("turn_end_covers_nothing_new", "warning", fields)]
+                return []
+            if not msg.transcript and not msg.words:
+                return [CommitFinal(commit, None)]  # an empty turn: its frames are done, nothing to say
+            return [CommitFinal(commit, self.events.turn(msg, self.finals, commit, self.request_id))]
+        if msg.event == "Update" and not msg.transcript:
+            if self.turn_open:
+                return []
+            # No turn in progress: the audio Flux has heard, but for the guard, holds no speech.
+            commit = ledger.coverage(0.0, max(0.0, msg.audio_window_end - self.rules.flux_idle_guard))
+            return [CommitFinal(commit, None)] if commit is not None else []
+        actions: list[Action] = []
+        if msg.event == "StartOfTurn" and ledger.seq_at(msg.audio_window_start) <= ledger.committed_seq:
+            # The guard was too short for this turn: a replay would start inside it.
+            fields = {"audio_window_start": msg.audio_window_start, "committed_seq": ledger.committed_seq}
+            actions.append(Note("turn_started_before_commit_point", "warning", fields))
+        self.turn_open = True
+        actions.append(Publish(self.events.turn(msg, self.finals, None, self.request_id)))
+        return actions
+
+    def clean_close(self, code: int | None) -> bool:
+        """Whether a close frame with this code, received while closing, is the server's normal end
+        of the stream. Flux closes after CloseStream without a status code (1005); a close without
+        any frame (1006) is a dropped connection either way, and is replayed."""
+        if code in (1000, 1001):
+            return True
+        return self.rules.flux and code == 1005 and self.phase is Phase.CLOSING
 
     def unreadable_message(self, now: float) -> None:
         """A message that could not be decoded: still a sign of life from the server."""
@@ -858,7 +987,7 @@ class SessionMachine:
 # ------------------------------------------------------------------------------------ decoding
 
 
-def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> p.Frame | p.EndMarker | p.FinalizeMarker:
+def decode_audio_entry(raw: dict[bytes, bytes], frame_bytes: int) -> p.AudioItem:
     """producer.protocol's decoder, with any unexpected exception turned into a rejection of that
     one entry: nothing a producer writes may stop a session, let alone a worker."""
     try:

@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 
 import structlog
 from redis.exceptions import ResponseError
+from websockets.exceptions import ConnectionClosed
 
 from producer import protocol as p
-from producer.options import validate_options
+from producer.options import V2_RANGES, is_flux, validate_options
 from worker import deepgram_messages as dm
 from worker import session_machine as sm
 from worker.audio_reader import AudioReader, Entry, Inbox
@@ -70,9 +71,10 @@ class SessionRunner:
         self.sid = start.sid
         self.entry_id = entry_id
         self.keys = ctx.store.keys.session(start.sid)
+        self.flux = is_flux(start.options)
         self.machine = sm.SessionMachine(
             start.sid,
-            sm.Rules.from_settings(ctx.settings, start.format),
+            sm.Rules.from_settings(ctx.settings, start.format, self.flux),
             sm.Resume(acquired.epoch, acquired.committed_seq, acquired.committed_id, acquired.finals),
         )
         self.inbox = Inbox(limit=max(500, self.settings.read_count * 8))
@@ -101,7 +103,7 @@ class SessionRunner:
         structlog.contextvars.bind_contextvars(sid=self.sid)
         error: p.ProtocolError | None = None
         try:
-            self.options = validate_options(self.start.options)
+            self.options = validate_options(self.start.options, self.start.format)
         except p.ProtocolError as exc:
             error = exc
         started = self.machine.events.session_started(self.start, self.ctx.consumer)
@@ -173,7 +175,10 @@ class SessionRunner:
             marks = await self._retry_redis(
                 lambda: self.ctx.store.channel_marks(self.keys, self.epoch, channels)
             )
-        for note in machine.commit_point(seq, entry, finals, marks):
+        configure: dict[str, str] | None = None
+        if self.flux:
+            configure = await self._retry_redis(lambda: self.ctx.store.saved_configure(self.keys))
+        for note in machine.commit_point(seq, entry, finals, marks, configure):
             self._note(note)
         self.ctx.reader.unfollow(self.keys.audio)
         self.inbox.reset()
@@ -228,9 +233,18 @@ class SessionRunner:
                         await conn.send_keep_alive()
                     elif isinstance(action, sm.Finalize):
                         await conn.send_finalize()
+                    elif isinstance(action, sm.ForceEndTurn):
+                        await conn.send_force_end_turn()
+                    elif isinstance(action, sm.Configure):
+                        await conn.send_configure(configure_message(action.thresholds))
                     elif isinstance(action, sm.CloseInput):
                         self.ctx.reader.unfollow(self.keys.audio)
-                        await conn.send_finalize()
+                        if self.flux:
+                            # Flux's CloseStream does not end the turn in progress: end it first, so
+                            # its EndOfTurn (and the commit of its frames) comes before the close.
+                            await conn.send_force_end_turn()
+                        else:
+                            await conn.send_finalize()
                         await conn.send_close_stream()
                     elif isinstance(action, sm.Abort):
                         raise _Aborted(action.failure)
@@ -242,7 +256,7 @@ class SessionRunner:
                     raise error
                 if receiver.done():
                     exc = receiver.exception()
-                    if exc is not None:
+                    if exc is not None and not self._closed_by_server(exc):
                         raise exc
                     after = machine.closed(loop.time())
                     if any(isinstance(a, sm.End) for a in after):
@@ -275,6 +289,13 @@ class SessionRunner:
                 queue.extend(machine.tick(loop.time()))
         finally:
             await _reap(receiver)
+
+    def _closed_by_server(self, exc: BaseException) -> bool:
+        """A close frame the machine counts as the server's normal end (Flux ends without a status
+        code), rather than a failure to classify."""
+        if not isinstance(exc, ConnectionClosed) or exc.rcvd is None:
+            return False
+        return self.machine.clean_close(exc.rcvd.code)
 
     async def _send(self, conn: Any, action: sm.Send) -> None:
         delay = action.not_before - asyncio.get_running_loop().time()
@@ -338,11 +359,12 @@ class SessionRunner:
     async def _receive(self, conn: Any) -> None:
         loop = asyncio.get_running_loop()
         machine = self.machine
+        decode = dm.decode_v2 if self.flux else dm.decode
         try:
             async for raw in _raw_messages(conn):
                 received = loop.time()
                 try:
-                    message = dm.decode(raw)
+                    message = decode(raw)
                 except dm.UnknownMessage as exc:
                     machine.unreadable_message(loop.time())
                     self.log.debug("skipped a message from deepgram", reason=str(exc))
@@ -395,6 +417,8 @@ class SessionRunner:
                     keys, epoch, keys.audio, action.entry_id, action.reason, action.event
                 )
             )
+        elif isinstance(action, sm.SaveConfigure):
+            await self._retry_redis(lambda: store.save_configure(keys, epoch, action.thresholds))
         elif isinstance(action, sm.Note):
             self._note(action)
         else:
@@ -458,6 +482,15 @@ class SessionRunner:
                     "redis unavailable, retrying", error=type(exc).__name__, retry_in=round(delay, 2)
                 )
                 await asyncio.sleep(delay)
+
+
+def configure_message(thresholds: dict[str, str]) -> dict[str, Any]:
+    """Flux's Configure message: the thresholds as JSON numbers (they are kept as query strings)."""
+    values: dict[str, Any] = {}
+    for name, text in thresholds.items():
+        if name in V2_RANGES:
+            values[name] = int(float(text)) if name == "eot_timeout_ms" else float(text)
+    return {"type": "Configure", "thresholds": values}
 
 
 async def _reap(task: asyncio.Task[None]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -130,6 +131,7 @@ class SessionStore:
         self._acquire = redis.register_script(lua.ACQUIRE)
         self._commit = redis.register_script(lua.COMMIT)
         self._publish = redis.register_script(lua.PUBLISH)
+        self._save_configure = redis.register_script(lua.SAVE_CONFIGURE)
         self._finish = redis.register_script(lua.FINISH)
         self._renew = redis.register_script(lua.RENEW)
         self._release = redis.register_script(lua.RELEASE)
@@ -197,6 +199,27 @@ class SessionStore:
         if int(epoch_now) != epoch:
             raise Fenced(sk.sid)
         return int(seq or -1), _b(entry) if entry else b"0-0", int(finals or 0)
+
+    async def save_configure(self, sk: p.SessionKeys, epoch: int, thresholds: dict[str, str]) -> None:
+        """A Flux session's current thresholds, for its next connection or owner (fenced)."""
+        text = json.dumps(thresholds, separators=(",", ":"), sort_keys=True)
+        result = _s(await self._save_configure(keys=[sk.state], args=[epoch, text]))
+        if result == "fenced":
+            raise await self.fenced(sk)
+
+    async def saved_configure(self, sk: p.SessionKeys) -> dict[str, str]:
+        """The thresholds SAVE_CONFIGURE kept ({} if none). What is stored was checked when it was
+        written; anything unreadable (an operator's edit) is ignored, not fatal."""
+        raw = await self.redis.hget(sk.state, "configure")
+        if not raw or len(raw) > p.MAX_CONFIGURE_BYTES:
+            return {}
+        try:
+            value = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return {}
+        if not isinstance(value, dict):
+            return {}
+        return {str(k): str(v) for k, v in value.items() if isinstance(v, str | int | float)}
 
     async def publish(self, sk: p.SessionKeys, epoch: int, event: dict[str, Any], once: str = "") -> str:
         fields = p.encode_event(event)
