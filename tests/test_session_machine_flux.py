@@ -31,7 +31,12 @@ from worker import session_machine as sm
 from worker.failures import Failure
 
 FLUX = sm.Rules(
-    frame_bytes=FB, catchup_speed=0, max_frames_per_message=4, stall_seconds=1e9, flux=True, flux_idle_guard=0.1
+    frame_bytes=FB,
+    catchup_speed=0,
+    max_frames_per_message=4,
+    stall_seconds=1e9,
+    flux=True,
+    flux_idle_guard=0.1,
 )
 
 
@@ -71,7 +76,8 @@ def test_end_of_turn_commits_the_frames_up_to_its_window_end_as_one_turn_event()
     assert (commit.commit.seq_from, commit.commit.seq_to) == (0, 7)  # 0.16 s = frames 0..7
     event = commit.event
     assert event is not None
-    assert (event["type"], event["event"], event["turn_index"], event["is_final"]) == ("turn", "EndOfTurn", 0, True)
+    assert (event["type"], event["event"], event["turn_index"]) == ("turn", "EndOfTurn", 0)
+    assert event["is_final"]
     assert (event["seq_from"], event["seq_to"], event["trigger"]) == (0, 7, "model")
     assert event["id"] == "s1/turn/t0"
     assert m.commit_result(commit, "ok") == [] and m.finals == 1
@@ -209,7 +215,8 @@ def test_flux_control_entries_on_a_v1_session_are_rejected() -> None:
     m.commit_point(-1, b"0-0")
     m.connected(0.0)
     m.caught_up([], 0.0)
-    actions = m.live([(eid(1), {b"force_end_turn": b"1"}), (eid(2), {b"configure": b'{"eot_threshold":0.7}'})], 1.0)
+    control = [(eid(1), {b"force_end_turn": b"1"}), (eid(2), {b"configure": b'{"eot_threshold":0.7}'})]
+    actions = m.live(control, 1.0)
     assert [r.reason.split(":")[0] for r in of(sm.RejectEntry, actions)] == ["not_flux", "not_flux"]
 
 
@@ -286,7 +293,8 @@ def test_v2_messages_decode_like_the_sdk_and_hostile_ones_are_refused() -> None:
     )
     assert [(w.word, w.start) for w in ours.words] == [(w.word, w.start) for w in sdk.words]
     assert isinstance(dm.decode_v2('{"type":"Connected","request_id":"r","sequence_id":0}'), dm.Connected)
-    assert isinstance(dm.decode_v2('{"type":"Error","sequence_id":1,"code":"X","description":"d"}'), dm.FatalError)
+    fatal = dm.decode_v2('{"type":"Error","sequence_id":1,"code":"X","description":"d"}')
+    assert isinstance(fatal, dm.FatalError)
     for hostile in (
         raw.replace('"EndOfTurn"', '"Explode"'),
         raw.replace('"turn_index":2', '"turn_index":-1'),
@@ -440,7 +448,8 @@ def test_model_each_turn_ends_once_with_contiguous_indices(seed: int) -> None:
     r: RedisModel = world.redis
     assert len(r.ended) == 1 and (r.ended[0].status, r.ended[0].reason) == (p.STATUS_ENDED, p.END_COMPLETED)
     # Every turn ended exactly once, in order, with indices 0, 1, 2, ... and its exact last frame.
-    assert [(e["turn_index"], e["seq_to"]) for e in r.finals] == [(i, t[1]) for i, t in enumerate(world.turns)]
+    expected = [(i, last) for i, (_, last) in enumerate(world.turns)]
+    assert [(e["turn_index"], e["seq_to"]) for e in r.finals] == expected
     assert all(e["event"] == "EndOfTurn" and e["id"] == f"s1/turn/t{e['turn_index']}" for e in r.finals)
     # ... and with all of its audio: no replay started inside a turn (the idle guard).
     for e, (first, last) in zip(r.finals, world.turns, strict=True):
