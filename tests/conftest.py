@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import os
+import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from worker.redis_server import RedisCluster, RedisServer
 # Past the test's own timeout; VOXQUEUE_TEST_WATCHDOG_GRACE overrides it (the watchdog's own test).
 WATCHDOG_GRACE_SECONDS = float(os.environ.get("VOXQUEUE_TEST_WATCHDOG_GRACE", "60"))
 WATCHDOG_DEFAULT_SECONDS = 600.0  # tests with no timeout at all
+WATCHDOG_BACKSTOP_SECONDS = 30.0  # faulthandler's own timer, should no Python thread run any more
 _watchdog_fd: int | None = None
 
 
@@ -46,32 +48,55 @@ def watchdog_seconds(item: pytest.Item) -> float:
     return (timeout if timeout > 0 else WATCHDOG_DEFAULT_SECONDS) + WATCHDOG_GRACE_SECONDS
 
 
-def _armed(item: pytest.Item) -> Iterator[None]:
+def _armed(item: pytest.Item, phase: str) -> Iterator[None]:
+    """A watchdog over one phase of one test. A Python timer thread ends the run first, naming the
+    test and phase at the very end of the output (CI logs are often read from their tail, where a
+    bare stack dump would not say which test hung); faulthandler's C-level timer is the backstop for
+    a process where no Python thread can run any more."""
+    seconds = watchdog_seconds(item)
+    timer: threading.Timer | None = None
     if _watchdog_fd is not None:
-        faulthandler.dump_traceback_later(watchdog_seconds(item), exit=True, file=_watchdog_fd)
+        timer = threading.Timer(seconds, _end_the_run, args=(item.nodeid, phase, seconds))
+        timer.daemon = True
+        timer.start()
+        faulthandler.dump_traceback_later(seconds + WATCHDOG_BACKSTOP_SECONDS, exit=True, file=_watchdog_fd)
     try:
         yield
     finally:
+        if timer is not None:
+            timer.cancel()
         faulthandler.cancel_dump_traceback_later()
+
+
+def _end_the_run(nodeid: str, phase: str, seconds: float) -> None:
+    fd = _watchdog_fd
+    if fd is None:
+        return
+    line = f"watchdog: {nodeid} ({phase}) still running after {seconds:.0f} s; the run is ended\n"
+    with contextlib.suppress(OSError):
+        os.write(fd, ("\n" + line + "every thread's stack, most recent call first:\n").encode())
+        faulthandler.dump_traceback(file=fd, all_threads=True)
+        os.write(fd, line.encode())
+    os._exit(1)
 
 
 # Armed afresh for each phase: pytest cancels faulthandler's timer whenever a test fails
 # (pytest_exception_interact), so one timer over the whole protocol would be gone by teardown.
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
-    with contextlib.contextmanager(_armed)(item):
+    with contextlib.contextmanager(_armed)(item, "setup"):
         return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    with contextlib.contextmanager(_armed)(item):
+    with contextlib.contextmanager(_armed)(item, "call"):
         return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    with contextlib.contextmanager(_armed)(item):
+    with contextlib.contextmanager(_armed)(item, "teardown"):
         return (yield)
 
 
