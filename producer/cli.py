@@ -14,7 +14,7 @@ import json
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Final, TypeVar, cast
 
 import click
 import redis.asyncio as aioredis
@@ -38,6 +38,7 @@ from producer.protocol import (
     SESSION_ENDED,
     SESSION_STARTED,
     SPEECH_STARTED,
+    TURN,
     UTTERANCE_END,
     AudioFormat,
     Keys,
@@ -180,13 +181,26 @@ def _span(event: dict[str, Any]) -> str:
     return f"[{_t(event.get('start'))}{DASH}{_t(event.get('end'))}]"
 
 
-def event_line(event: dict[str, Any]) -> str:
-    """One readable line per event, for `tail`."""
+# Flux turn events `tail` prints: the end of each turn, and the eager end that may precede it (what
+# a voice agent starts an LLM call on). Updates and the rest would flood a terminal.
+TURN_LINES: Final = {"EndOfTurn": "", "EagerEndOfTurn": " (eager)"}
+
+
+def turn_line(event: dict[str, Any]) -> str:
+    """`[start–end] #index text`, with `(eager)` on an eager end of turn."""
+    mark = TURN_LINES.get(str(event.get("event")), "")
+    return f"{_span(event)} #{event.get('turn_index', '?')}{mark} {event.get('transcript', '')}"
+
+
+def event_line(event: dict[str, Any]) -> str | None:
+    """One readable line per event, for `tail` (None: not shown, e.g. a Flux Update)."""
     kind = str(event.get("type", "?"))
     sid = str(event.get("sid", "?"))
     head = f"{kind:<15} {sid}"
     if kind in (FINAL, PARTIAL):
         return f"{head} {_span(event)} {event.get('transcript', '')}"
+    if kind == TURN:
+        return f"{head} {turn_line(event)}" if event.get("event") in TURN_LINES else None
     if kind == SPEECH_STARTED:
         return f"{head} @{_t(event.get('start'))}"
     if kind == UTTERANCE_END:
@@ -233,7 +247,9 @@ class TranscriptView:
             return
         if kind == FINAL:
             self._line(f"{_span(event)} {event.get('transcript', '')}")
-        elif kind == PARTIAL and self._live is not None:
+        elif kind == TURN and event.get("event") in TURN_LINES:
+            self._line(turn_line(event))
+        elif kind in (PARTIAL, TURN) and self._live is not None:
             from rich.text import Text
 
             self._live.update(Text(f"… {event.get('transcript', '')}", style="dim"), refresh=True)
@@ -515,7 +531,7 @@ async def rerun_session(
     if start is None:
         click.echo(f"warning: the start entry of {old_sid} is gone; using defaults", err=True)
     try:
-        options = validate_options({**(start.options if start else {}), **overrides})
+        options = validate_options({**(start.options if start else {}), **overrides}, fmt)
     except ProtocolError as exc:
         raise BadInput(f"recorded options of {old_sid} are not allowed: {exc}") from None
     labels = {**(start.labels if start else {}), **extra_labels}
@@ -612,7 +628,7 @@ async def recorded_audio(
 def tail(sid: str | None, as_json: bool, redis_url: str, namespace: str, partitions: int) -> None:
     """Print transcript events live: of every session from now on, or of one session."""
     sid = _sid(sid)
-    show: Callable[[dict[str, Any]], str] = event_json if as_json else event_line
+    show: Callable[[dict[str, Any]], str | None] = event_json if as_json else event_line
 
     async def main(client: aioredis.Redis) -> None:
         keys = Keys(namespace=namespace, partitions=partitions)
@@ -627,7 +643,9 @@ def tail(sid: str | None, as_json: bool, redis_url: str, namespace: str, partiti
             else transcripts.follow_all(client, keys, from_id="$")
         )
         async for event in events:
-            click.echo(show(event))
+            line = show(event)
+            if line is not None:
+                click.echo(line)
 
     _run(redis_url, main)
 

@@ -69,7 +69,7 @@ from producer.batcher import (
     wait,
 )
 from producer.cluster import cluster_client, split_url
-from producer.options import validate_options
+from producer.options import is_flux, validate_options, validate_thresholds
 from producer.protocol import (
     DEFAULT_NAMESPACE,
     AudioFormat,
@@ -77,8 +77,10 @@ from producer.protocol import (
     SessionKeys,
     SessionStart,
     check_deployment,
+    configure_fields,
     end_fields,
     finalize_fields,
+    force_end_turn_fields,
     frame_fields,
     validate_sid,
 )
@@ -217,7 +219,7 @@ class Producer:
         validate_sid(sid)
         fmt = format or AudioFormat()
         fmt.validate()
-        checked = validate_options(dict(options or {}))
+        checked = validate_options(dict(options or {}), fmt)
         label_map = dict(labels or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in label_map.items()):
             raise ValueError("labels must map strings to strings")
@@ -354,6 +356,29 @@ class ProducerSession:
         if self.ended:
             raise ValueError("session already ended")
         await self._submit([Command(self.keys.audio, dict(finalize_fields()), self)], True)
+
+    async def force_end_turn(self) -> None:
+        """Flux sessions (model `flux-…`): end the user's turn now (Deepgram's ForceEndTurn), e.g.
+        on a push-to-talk release or a DTMF key. Its `turn` event (EndOfTurn) carries trigger
+        `manual`; with no turn in progress nothing happens. After the frames sent so far."""
+        self.raise_if_failed()
+        if self.ended:
+            raise ValueError("session already ended")
+        if not is_flux(self.options):
+            raise ValueError("force_end_turn() is for Flux sessions (model flux-…); use finalize()")
+        await self._submit([Command(self.keys.audio, dict(force_end_turn_fields()), self)], True)
+
+    async def configure(self, **thresholds: float) -> None:
+        """Flux sessions: change end-of-turn thresholds from here on (Deepgram's Configure):
+        `eager_eot_threshold`, `eot_threshold`, `eot_timeout_ms`. Checked here (ValueError); they
+        also apply to any later connection of the session (a reconnect, another worker)."""
+        self.raise_if_failed()
+        if self.ended:
+            raise ValueError("session already ended")
+        if not is_flux(self.options):
+            raise ValueError("configure() is for Flux sessions (model flux-…)")
+        validate_thresholds(thresholds)
+        await self._submit([Command(self.keys.audio, dict(configure_fields(thresholds)), self)], True)
 
     async def end(self) -> int:
         """Send the padded remainder and the end marker; return once stored. Returns frames sent.

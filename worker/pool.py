@@ -555,7 +555,7 @@ class WorkerPool:
         ProtocolError. Nothing else may escape: hostile input must not crash the claim loops."""
         try:
             start = p.SessionStart.from_fields(raw)
-            validate_options(start.options)
+            validate_options(start.options, start.format)
         except p.ProtocolError:
             raise
         except Exception as exc:  # a decoding bug: the entry is rejected, the loop goes on
