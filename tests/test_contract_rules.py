@@ -84,6 +84,11 @@ def test_end_marker_frames_must_be_a_plain_count(frames: bytes) -> None:
         ({b"end": b"1", b"x": b"1"}, "unknown_fields"),  # an extra field on the end marker
         ({b"end": b"1", b"frames": b"x"}, "bad_end"),
         ({b"end": b"1", b"\xff": b"1"}, "bad_encoding"),
+        ({b"force_end_turn": b"1", b"x": b"1"}, "unknown_fields"),  # Flux control entries
+        ({b"configure": b"{}", b"x": b"1"}, "unknown_fields"),
+        ({b"configure": b"not json"}, "bad_configure"),
+        ({b"configure": b'{"eot_threshold": {"deep": 1}}'}, "bad_configure"),
+        ({b"configure": b"[0.7]"}, "bad_configure"),
     ],
 )
 def test_audio_entry_codes(fields: dict[bytes, bytes], code: str) -> None:
