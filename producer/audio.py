@@ -77,25 +77,45 @@ class FrameChunker:
 
 MARKER_MAGIC: Final = b"VQMK"
 _MARKER = struct.Struct("<4sIQ")
+# Byte 16 of a marker frame: turn flags, read by the emulator's Flux engine (`/v2/listen`,
+# worker/emulator/flux.py) and ignored by its `/v1/listen` engine. 0 (no flags) is what every marker
+# frame carried before flags existed, so a frame without flags is byte-identical to those.
+MARKER_FLAGS_OFFSET: Final = _MARKER.size
+MARKER_END_OF_TURN: Final = 0x01  # the speaker's turn ends after this word (EndOfTurn, trigger "model")
+MARKER_EAGER: Final = 0x02  # the model is moderately sure the turn ends here (EagerEndOfTurn)
 
 
-def marker_frame(n: int, sent_ns: int = 0, frame_bytes: int = 640) -> bytes:
+def marker_frame(
+    n: int,
+    sent_ns: int = 0,
+    frame_bytes: int = 640,
+    *,
+    end_of_turn: bool = False,
+    eager: bool = False,
+) -> bytes:
     """A deterministic frame that says which frame it is: b"VQMK" + uint32 LE n + uint64 LE sent_ns,
-    zero-padded. The emulator turns it into the word `f<n>`, so a test can prove that every frame
-    arrived exactly once, and `sent_ns` lets a benchmark measure end-to-end latency."""
+    then a flags byte (`MARKER_END_OF_TURN`, `MARKER_EAGER`), zero-padded. The emulator turns it into
+    the word `f<n>`, so a test can prove that every frame arrived exactly once, and `sent_ns` lets a
+    benchmark measure end-to-end latency. The flags script Flux's turn detection (`/v2/listen`):
+    `end_of_turn` ends the turn after this word, `eager` announces an eager end of turn after it."""
     head = _MARKER.pack(MARKER_MAGIC, n, sent_ns)
+    flags = (MARKER_END_OF_TURN if end_of_turn else 0) | (MARKER_EAGER if eager else 0)
+    if flags:
+        head += bytes((flags,))
     if frame_bytes < len(head):
         raise ValueError(f"frame_bytes must be at least {len(head)}")
     return head + bytes(frame_bytes - len(head))
 
 
-def format_marker_frame(fmt: AudioFormat, n: int, sent_ns: int = 0) -> bytes:
+def format_marker_frame(
+    fmt: AudioFormat, n: int, sent_ns: int = 0, *, end_of_turn: bool = False, eager: bool = False
+) -> bytes:
     """A marker frame in any format: each channel carries its own marker (`marker_frame` of the
     channel's share of the frame), interleaved sample by sample as the format's samples are. The
     marker is raw bytes whatever the encoding (μ-law/A-law frames carry it in the encoded payload),
-    which is how the emulator's marker engine reads it (worker/emulator/marker.py)."""
+    which is how the emulator's marker engines read it (worker/emulator/marker.py, flux.py)."""
     channels, width = fmt.channels, fmt.sample_width
-    mono = marker_frame(n, sent_ns, fmt.frame_bytes // channels)
+    mono = marker_frame(n, sent_ns, fmt.frame_bytes // channels, end_of_turn=end_of_turn, eager=eager)
     if channels == 1:
         return mono
     out = bytearray(fmt.frame_bytes)

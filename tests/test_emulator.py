@@ -319,7 +319,7 @@ async def test_bearer_auth_wrong_path_and_bad_parameter(emu: EmulatorServer) -> 
         assert isinstance((await read_all(conn))[-1], ListenV1Metadata)
     headers = {"Authorization": f"Token {KEY}"}
     with pytest.raises(InvalidStatus) as raw:
-        async with ws_connect(emu.url + "/v2/listen", additional_headers=headers):
+        async with ws_connect(emu.url + "/v3/listen", additional_headers=headers):
             pass
     assert raw.value.response.status_code == 404
     with pytest.raises(ApiError) as info:

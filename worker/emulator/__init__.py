@@ -1,7 +1,8 @@
 """A local Deepgram live-streaming emulator that the official deepgram-sdk talks to unchanged.
 
-See server.py for the public entry points and the control API, marker.py and speech.py for the two
-recognition engines, faults.py for injectable failures.
+It serves `/v1/listen` (live streaming, session.py) and Flux's `/v2/listen` (turns,
+flux_session.py). See server.py for the public entry points and the control API, marker.py, flux.py
+and speech.py for the recognition engines, faults.py for injectable failures.
 """
 
 from .faults import FaultPlan

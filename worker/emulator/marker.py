@@ -11,7 +11,8 @@ frame in its first samples. With `multichannel=true` each channel is its own mar
 (`producer.audio.format_marker_frame` builds such frames); without multichannel the interleaved
 frame is read as one. Bytes 8..16 of a marker frame may carry the producer's
 `time.time_ns()` (0 = absent), from which the arrival lag is measured. A frame starting with
-b"VQBADAUD" is undecodable audio. The layout matches `producer.audio.marker_frame`.
+b"VQBADAUD" is undecodable audio. The layout matches `producer.audio.marker_frame`; its flags byte
+(offset 16) only means something to Flux's engine (flux.py) and is ignored here.
 
 Timing rules, all in whole frames so that start/duration are exact multiples of 0.02 s:
 - a final every `final_every` seconds of audio, on Finalize (`from_finalize`) and on CloseStream;

@@ -1,8 +1,14 @@
 """Deepgram's live JSON messages, rendered from engine events.
 
-The shapes follow deepgram-sdk's `ListenV1Results`, `ListenV1Metadata`, `ListenV1SpeechStarted`,
-`ListenV1UtteranceEnd`, `ListenV1ConfigureSuccess` and `ListenV1Error` models, so the SDK parses
-every message into its typed class. Fields that are constant for a connection are built once.
+`/v1/listen` (`Renderer`): the shapes follow deepgram-sdk's `ListenV1Results`, `ListenV1Metadata`,
+`ListenV1SpeechStarted`, `ListenV1UtteranceEnd`, `ListenV1ConfigureSuccess` and `ListenV1Error`
+models, so the SDK parses every message into its typed class. Fields that are constant for a
+connection are built once.
+
+`/v2/listen` (`FluxRenderer`): `ListenV2Connected`, `ListenV2TurnInfo`, `ListenV2ConfigureSuccess`,
+`ListenV2ConfigureFailure` and `ListenV2FatalError` (the emulator has no cause for a `Warning`);
+each carries the connection's `sequence_id`, which the session counts (0 for the first message, +1
+per message).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .events import SpeechStarted, Transcript, UtteranceEnd
+from .flux import END_OF_TURN, TurnEvent
+from .options import Thresholds
 
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 _quote = json.encoder.encode_basestring_ascii  # the C string encoder behind json.dumps
@@ -113,6 +121,80 @@ class Renderer:
         return _dumps(
             {"type": "Error", "variant": "SchemaError", "description": description, "message": message}
         )
+
+
+class FluxRenderer:
+    """Renders the `/v2/listen` messages of one connection; `seq` is the message's sequence_id."""
+
+    def __init__(self, *, request_id: str, multilingual: bool = False) -> None:
+        self.request_id = request_id
+        self._rid = _quote(request_id)
+        # flux-general-multi reports languages on every TurnInfo; flux-general-en never does.
+        self.multilingual = multilingual
+
+    def connected(self, seq: int) -> str:
+        return _dumps({"type": "Connected", "request_id": self.request_id, "sequence_id": seq})
+
+    def turn_info(self, e: TurnEvent, seq: int, languages_hinted: tuple[str, ...] = ()) -> str:
+        # String formatting as in Renderer.results: TurnInfo is the bulk of a Flux connection's output.
+        q = _quote
+        words = ",".join(
+            [
+                f'{{"word":{q(w.punctuated_word)},"confidence":{w.confidence!r},'
+                f'"start":{w.start!r},"end":{w.end!r}}}'
+                for w in e.words
+            ]
+        )
+        transcript = " ".join([w.punctuated_word for w in e.words])
+        tail = f',"trigger":{q(e.trigger or "model")}' if e.event == END_OF_TURN else ""
+        if self.multilingual:
+            # The marker and speech engines only know English: "en" once a word was heard.
+            languages = '["en"]' if e.words else "[]"
+            hinted = _dumps(list(languages_hinted))
+            tail += f',"languages":{languages},"languages_hinted":{hinted}'
+        return (
+            f'{{"type":"TurnInfo","request_id":{self._rid},"sequence_id":{seq},'
+            f'"event":{q(e.event)},"turn_index":{e.turn_index},'
+            f'"audio_window_start":{float(e.window_start)!r},"audio_window_end":{float(e.window_end)!r},'
+            f'"transcript":{q(transcript)},"words":[{words}],'
+            f'"end_of_turn_confidence":{float(e.end_of_turn_confidence)!r}{tail}}}'
+        )
+
+    def configure_success(
+        self,
+        seq: int,
+        thresholds: Thresholds,
+        keyterms: tuple[str, ...],
+        language_hints: tuple[str, ...] | None,
+        numerals: bool,
+    ) -> str:
+        # The whole configuration now in force, not only what the Configure changed.
+        msg: dict[str, Any] = {
+            "type": "ConfigureSuccess",
+            "request_id": self.request_id,
+            "sequence_id": seq,
+            "thresholds": thresholds.to_json(),
+            "keyterms": list(keyterms),
+            "numerals": numerals,
+        }
+        if language_hints is not None:
+            msg["language_hints"] = list(language_hints)
+        return _dumps(msg)
+
+    def configure_failure(self, seq: int, code: str, description: str) -> str:
+        return _dumps(
+            {
+                "type": "ConfigureFailure",
+                "request_id": self.request_id,
+                "sequence_id": seq,
+                "code": code,
+                "description": description,
+            }
+        )
+
+    def error(self, seq: int, code: str, description: str) -> str:
+        """The fatal error: Deepgram closes the connection right after it."""
+        return _dumps({"type": "Error", "sequence_id": seq, "code": code, "description": description})
 
 
 def http_error_body(err_code: str, err_msg: str, request_id: str) -> str:

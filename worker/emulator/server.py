@@ -1,9 +1,11 @@
-"""The emulator's WebSocket server: Deepgram's `/v1/listen` handshake, plus a small HTTP control API.
+"""The emulator's WebSocket server: Deepgram's `/v1/listen` and `/v2/listen` (Flux) handshakes, plus
+a small HTTP control API.
 
 In-process use (tests):
 
     async with EmulatorServer(engine="marker", port=0, keys={"k1"}) as emu:
-        ...  # point deepgram-sdk's DeepgramClientEnvironment.production at emu.url
+        ...  # point deepgram-sdk's DeepgramClientEnvironment.production at emu.url: both
+             # client.listen.v1.connect(...) and client.listen.v2.connect(...) then reach it
 
 From the CLI (`voxqueue emulator`), which runs until cancelled (Ctrl-C):
 
@@ -13,10 +15,16 @@ From the CLI (`voxqueue emulator`), which runs until cancelled (Ctrl-C):
 - `engine`: "marker" (deterministic frame words, see marker.py) or "speech" (pocketsphinx).
 - `keys`: accepted API keys; None or empty = any key, but an `Authorization: Token|Bearer <key>`
   header (or `Sec-WebSocket-Protocol: token, <key>`) is always required, as on Deepgram.
-- `silence_timeout`: seconds without any message before closing 1011 NET-0001 (Deepgram: 10).
+- `silence_timeout`: seconds without any message before closing 1011 NET-0001 (Deepgram: 10). Flux
+  has no KeepAlive: a `/v2/listen` client keeps an idle connection open by sending audio (silence).
 - `final_every`: seconds of audio per final (marker) or per empty final over silence (speech).
 - `faults`: a FaultPlan or a mapping of its parameters (see faults.py), applied from the start.
 - `on_ready`: called with the started server (e.g. to print its URL).
+
+`/v1/listen` is Deepgram's live streaming API (session.py, marker.py); `/v2/listen` is Flux, its
+turn-based API (flux_session.py, flux.py): `Connected`, then `TurnInfo` events; mono only, options
+in options.FluxOptions. Both share the authentication, the handshake errors, the control endpoints
+and the faults (drops, stalls, handshake statuses, slow results, 1008 on undecodable audio).
 
 Handshake answers, like Deepgram's: wrong path 404, missing/unknown key 401, malformed query
 parameter 400, each with a JSON body {"err_code", "err_msg", "request_id"} and `dg-error` and
@@ -26,7 +34,8 @@ every message). Control endpoints (plain HTTP GET on the same port):
 - `/_emulator/faults?<plan params>`: replace the fault plan (no params: read it; `reset=1`: clear);
 - `/_emulator/stats`: counters as JSON (`reset=1`: return them, then zero them);
 - `/_emulator/finals`: [request id, end on the connection, time.time_ns()] of each final sent
-  (`reset=1`: then forget them), for measuring transcript latency;
+  (`reset=1`: then forget them), for measuring transcript latency; on `/v2/listen` each EndOfTurn
+  is a final, ending at its `audio_window_end`;
 - `/_emulator/health`: {"ok": true}.
 
 Compression is off: permessage-deflate would cost CPU per 640-byte frame for nothing on localhost.
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -49,11 +59,13 @@ from websockets.typing import Subprotocol
 from .channels import ChannelSplitter
 from .events import Engine, frame_bytes_for
 from .faults import FaultInjector, FaultPlan, FaultPlanError, handshake_error
+from .flux import FluxEngine, FluxMarkerEngine
+from .flux_session import FluxSession
 from .marker import MarkerEngine
-from .messages import Renderer, http_error_body
-from .options import ListenOptions, OptionError
-from .session import Session
-from .speech import SpeechEngine, speech_available
+from .messages import FluxRenderer, Renderer, http_error_body
+from .options import FluxOptions, ListenOptions, OptionError
+from .session import BaseSession, Session
+from .speech import FluxSpeechEngine, SpeechEngine, speech_available
 from .stats import EmulatorStats
 
 log = logging.getLogger(__name__)
@@ -61,6 +73,7 @@ log = logging.getLogger(__name__)
 ENGINES = ("marker", "speech")
 DEFAULT_PORT = 8765
 LISTEN_PATH = "/v1/listen"
+FLUX_PATH = "/v2/listen"
 CONTROL_PREFIX = "/_emulator/"
 
 
@@ -122,8 +135,8 @@ class EmulatorServer:
         self.faults = FaultInjector(plan)
         self.stats = EmulatorStats()
         self._server: Server | None = None
-        self._sessions: set[Session] = set()
-        self._accepted: dict[ServerConnection, ListenOptions] = {}
+        self._sessions: set[BaseSession[Any, Any]] = set()
+        self._accepted: dict[ServerConnection, ListenOptions | FluxOptions] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -179,7 +192,8 @@ class EmulatorServer:
 
     @property
     def url(self) -> str:
-        """The base URL for DeepgramClientEnvironment(production=...): the SDK appends /v1/listen."""
+        """The base URL for DeepgramClientEnvironment(production=...): the SDK appends /v1/listen
+        or /v2/listen."""
         return f"ws://{self.host}:{self._port}"
 
     @property
@@ -206,13 +220,17 @@ class EmulatorServer:
         path, _, query = request.path.partition("?")
         if path.startswith(CONTROL_PREFIX):
             return self._control(connection, path, query)
-        if path.rstrip("/") != LISTEN_PATH:
+        route = path.rstrip("/")
+        if route not in (LISTEN_PATH, FLUX_PATH):
             return self._reject(connection, 404, "NOT_FOUND", f"No route for {path}.")
         key = _auth_key(request)
         if key is None or (self.keys and key not in self.keys):
             return self._reject(connection, 401, *handshake_error(401))
+        options: ListenOptions | FluxOptions
         try:
-            options = ListenOptions.from_query(query)
+            options = (
+                ListenOptions.from_query(query) if route == LISTEN_PATH else FluxOptions.from_query(query)
+            )
         except OptionError as exc:
             return self._reject(connection, 400, "Bad Request", str(exc))
         status = self.faults.handshake_fault()
@@ -294,40 +312,71 @@ class EmulatorServer:
             return SpeechEngine(punctuate=o.punctuate or o.smart_format, encoding=o.encoding or "", **common)
         return MarkerEngine(sample_width=o.sample_width, **common)
 
+    def _make_flux_engine(self, o: FluxOptions) -> FluxEngine:
+        if self.engine == "speech":
+            return FluxSpeechEngine(
+                sample_rate=o.sample_rate,
+                encoding=o.encoding or "",
+                thresholds=o.thresholds,
+                final_every=self.final_every,
+            )
+        return FluxMarkerEngine(
+            sample_rate=o.sample_rate, sample_width=o.sample_width, thresholds=o.thresholds
+        )
+
     async def _handler(self, connection: ServerConnection) -> None:
         options = self._accepted.pop(connection, None)
         if options is None:  # pragma: no cover - process_request always records accepted upgrades
             await connection.close(1011, "internal error: unknown connection")
             return
         self.stats.connections_accepted += 1
+        make: Callable[[], Engine | FluxEngine]
+        if isinstance(options, FluxOptions):
+            make = functools.partial(self._make_flux_engine, options)
+        else:
+            make = functools.partial(self._make_engine, options)
         try:
             if self.engine == "speech":
                 # Loading a decoder takes a quarter second of CPU: keep it off the event loop.
-                engine = await asyncio.to_thread(self._make_engine, options)
+                engine = await asyncio.to_thread(make)
             else:
-                engine = self._make_engine(options)
+                engine = make()
         except Exception as exc:  # a connection must fail alone, never the server
             log.exception("cannot create the %s engine", self.engine)
             self.stats.close_codes[1011] += 1
             await connection.close(1011, f"NET-0000: engine failed: {exc}"[:120])
             return
-        session = Session(
-            connection,
-            engine=engine,
-            renderer=Renderer(
-                request_id=str(connection.id),
-                model=options.model,
-                engine=self.engine,
-                channels=options.channels,
-                multichannel=options.multichannel,
-            ),
-            frame_bytes=frame_bytes_for(options.sample_rate, options.channels, options.sample_width),
-            decodable=options.decodable,
-            faults=self.faults.for_connection(),
-            injector=self.faults,
-            stats=self.stats,
-            clock=asyncio.get_running_loop().time,
-        )
+        request_id = str(connection.id)
+        common: dict[str, Any] = {
+            "engine": engine,
+            "faults": self.faults.for_connection(),
+            "injector": self.faults,
+            "stats": self.stats,
+            "clock": asyncio.get_running_loop().time,
+            "decodable": options.decodable,
+        }
+        session: BaseSession[Any, Any]
+        if isinstance(options, FluxOptions):
+            session = FluxSession(
+                connection,
+                renderer=FluxRenderer(request_id=request_id, multilingual=options.multilingual),
+                options=options,
+                frame_bytes=frame_bytes_for(options.sample_rate, 1, options.sample_width),
+                **common,
+            )
+        else:
+            session = Session(
+                connection,
+                renderer=Renderer(
+                    request_id=request_id,
+                    model=options.model,
+                    engine=self.engine,
+                    channels=options.channels,
+                    multichannel=options.multichannel,
+                ),
+                frame_bytes=frame_bytes_for(options.sample_rate, options.channels, options.sample_width),
+                **common,
+            )
         self._sessions.add(session)
         try:
             await session.run()

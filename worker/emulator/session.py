@@ -1,4 +1,8 @@
-"""One accepted `/v1/listen` connection: audio in, engine events out, faults applied.
+"""One accepted connection: audio in, engine events out, faults applied.
+
+`BaseSession` is what `/v1/listen` and `/v2/listen` (Flux, flux_session.py) share: the receive
+loop, the faults, the silence timeout and the ordered, possibly delayed, output. `Session` is the
+`/v1/listen` protocol on top of it.
 
 The receive loop is the emulator's hot path (hundreds of connections at 50 messages/s each): per
 audio message it does a few integer updates and one engine call, and builds no JSON unless the
@@ -14,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -36,16 +40,33 @@ UNSUPPORTED_ENCODING: Final = (
     "DATA-0000: could not process audio: only encoding=linear16, mulaw and alaw are decoded"
 )
 INTERNAL_REASON: Final = "NET-0000: The service has encountered an internal error."
+# Codes of Flux's fatal `Error` message (Deepgram documents the shape, not a list of codes).
+TIMEOUT_CODE: Final = "TIMEOUT"
+BAD_AUDIO_CODE: Final = "UNPARSABLE_AUDIO"
 _CLOSE: Final = object()  # outbox sentinel: close after everything queued before it
 
 
-class Session:
+class Feeds(Protocol):
+    """What the receive loop needs of an engine, whichever protocol it speaks."""
+
+    blocking: bool
+    lag_ns: list[int]
+
+    def feed(self, data: bytes, now_ns: int = 0) -> list[Any]: ...
+
+    def release(self) -> None: ...
+
+
+EngineT = TypeVar("EngineT", bound=Feeds)
+EventT = TypeVar("EventT")
+
+
+class BaseSession(Generic[EngineT, EventT]):
     def __init__(
         self,
         connection: ServerConnection,
         *,
-        engine: Engine,
-        renderer: Renderer,
+        engine: EngineT,
         frame_bytes: int,
         decodable: bool,
         faults: ConnectionFaults,
@@ -55,7 +76,6 @@ class Session:
     ) -> None:
         self._conn = connection
         self._engine = engine
-        self._renderer = renderer
         self._frame_bytes = frame_bytes
         self._decodable = decodable
         self._injector = injector
@@ -75,6 +95,7 @@ class Session:
 
     async def run(self) -> None:
         try:
+            await self._opened()
             await self._receive()
         except ConnectionClosed:
             pass  # the client went away; nothing to answer
@@ -82,7 +103,7 @@ class Session:
             # An engine bug must fail its own connection, as a Deepgram internal error would.
             log.exception("emulator session failed")
             with contextlib.suppress(ConnectionClosed):
-                await self._close(1011, INTERNAL_REASON, drain=False)
+                await self._fail(1011, INTERNAL_REASON, "INTERNAL_SERVER_ERROR", drain=False)
         finally:
             if self._sender is not None and not self._sender.done():
                 self._sender.cancel()
@@ -127,7 +148,7 @@ class Session:
             if self.stalled:
                 continue
             if not self._decodable:
-                await self._close(1008, UNSUPPORTED_ENCODING)
+                await self._fail(1008, UNSUPPORTED_ENCODING, BAD_AUDIO_CODE)
                 return
             try:
                 if blocking:
@@ -135,46 +156,36 @@ class Session:
                 else:
                     events = engine.feed(message, time.time_ns())
             except BadAudio as exc:
-                await self._close(1008, str(exc))
+                await self._fail(1008, str(exc), BAD_AUDIO_CODE)
                 return
             if len(engine.lag_ns) >= LAG_BATCH:
                 self.flush_lags()
             if events:
                 await self._send_events(events)
 
+    async def _opened(self) -> None:
+        """Called once the connection is accepted, before any message is read."""
+
     async def _on_text(self, text: str) -> bool:
         """Handle a control message; True when the connection is done."""
-        if self.stalled:
-            return False  # a half-open stream answers nothing, not even CloseStream
-        try:
-            msg = json.loads(text)
-        except ValueError:
-            msg = None
-        kind = msg.get("type") if isinstance(msg, dict) else None
-        if kind == "KeepAlive":
-            return False
-        if kind == "Finalize":
-            await self._send_events(await self._call(self._engine.finalize))
-            return False
-        if kind == "CloseStream":
-            await self._close_stream()
-            return True
-        if kind == "Configure":
-            keyterms = msg.get("keyterms") if isinstance(msg, dict) else None
-            await self._send(self._renderer.configure_success(keyterms), "ConfigureSuccess")
-            return False
-        await self._send(self._renderer.error("could not parse the control message", text), "Error")
-        return False
+        raise NotImplementedError
 
-    async def _call(self, fn: Callable[[], list[Event]]) -> list[Event]:
+    async def _close_stream(self) -> None:
+        raise NotImplementedError
+
+    async def _send_events(self, events: list[EventT]) -> None:
+        raise NotImplementedError
+
+    async def _call(self, fn: Callable[[], list[EventT]]) -> list[EventT]:
+        """Run an engine call off the event loop when the engine does CPU-heavy work."""
         if self._engine.blocking:
             return await asyncio.to_thread(fn)
         return fn()
 
-    async def _close_stream(self) -> None:
-        await self._send_events(await self._call(self._engine.close_stream))
-        await self._send(self._renderer.metadata(self._engine.audio_seconds()), "Metadata")
-        await self._close(1000, "")
+    async def _fail(self, code: int, reason: str, error_code: str, *, drain: bool = True) -> None:
+        """End the connection for an error: `code` and `reason` go in the close frame; `error_code`
+        names the error where the protocol has an error message for it (Flux's `Error`)."""
+        await self._close(code, reason, drain=drain)
 
     # ------------------------------------------------------------------------------ faults
 
@@ -202,30 +213,9 @@ class Session:
         """The silence timeout elapsed: close 1011 NET-0001 as Deepgram does."""
         if self.closing or self.stalled:
             return None
-        return asyncio.ensure_future(self._close(1011, TIMEOUT_REASON, drain=False))
+        return asyncio.ensure_future(self._fail(1011, TIMEOUT_REASON, TIMEOUT_CODE, drain=False))
 
     # ------------------------------------------------------------------------------ sending
-
-    async def _send_events(self, events: list[Event]) -> None:
-        r = self._renderer
-        stats = self._stats
-        for tagged in events:
-            channel = 0
-            e = tagged
-            if isinstance(tagged, ChannelTagged):
-                channel, e = tagged.channel, tagged.event
-            if isinstance(e, Transcript):
-                if e.is_final:
-                    stats.finals_sent += 1
-                else:
-                    stats.interims_sent += 1
-                await self._send(r.results(e, channel), "Results")
-                if e.is_final and channel == 0:
-                    stats.record_final(r.request_id, e.start + e.duration)
-            elif isinstance(e, SpeechStarted):
-                await self._send(r.speech_started(e, channel), "SpeechStarted")
-            elif isinstance(e, UtteranceEnd):
-                await self._send(r.utterance_end(e, channel), "UtteranceEnd")
 
     async def _send(self, text: str, kind: str) -> None:
         if self.stalled or self.closing:
@@ -269,3 +259,61 @@ class Session:
         if self._sender is not None:
             self._sender.cancel()
         await self._conn.close(code, reason)
+
+
+class Session(BaseSession[Engine, Event]):
+    """A `/v1/listen` connection: Results, Metadata, SpeechStarted, UtteranceEnd."""
+
+    def __init__(self, connection: ServerConnection, *, renderer: Renderer, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self._renderer = renderer
+
+    async def _on_text(self, text: str) -> bool:
+        """Handle a control message; True when the connection is done."""
+        if self.stalled:
+            return False  # a half-open stream answers nothing, not even CloseStream
+        try:
+            msg = json.loads(text)
+        except (ValueError, RecursionError):  # RecursionError: hostile nesting, [[[[...]]]]
+            msg = None
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == "KeepAlive":
+            return False
+        if kind == "Finalize":
+            await self._send_events(await self._call(self._engine.finalize))
+            return False
+        if kind == "CloseStream":
+            await self._close_stream()
+            return True
+        if kind == "Configure":
+            keyterms = msg.get("keyterms") if isinstance(msg, dict) else None
+            await self._send(self._renderer.configure_success(keyterms), "ConfigureSuccess")
+            return False
+        await self._send(self._renderer.error("could not parse the control message", text), "Error")
+        return False
+
+    async def _close_stream(self) -> None:
+        await self._send_events(await self._call(self._engine.close_stream))
+        await self._send(self._renderer.metadata(self._engine.audio_seconds()), "Metadata")
+        await self._close(1000, "")
+
+    async def _send_events(self, events: list[Event]) -> None:
+        r = self._renderer
+        stats = self._stats
+        for tagged in events:
+            channel = 0
+            e = tagged
+            if isinstance(tagged, ChannelTagged):
+                channel, e = tagged.channel, tagged.event
+            if isinstance(e, Transcript):
+                if e.is_final:
+                    stats.finals_sent += 1
+                else:
+                    stats.interims_sent += 1
+                await self._send(r.results(e, channel), "Results")
+                if e.is_final and channel == 0:
+                    stats.record_final(r.request_id, e.start + e.duration)
+            elif isinstance(e, SpeechStarted):
+                await self._send(r.speech_started(e, channel), "SpeechStarted")
+            elif isinstance(e, UtteranceEnd):
+                await self._send(r.utterance_end(e, channel), "UtteranceEnd")

@@ -23,6 +23,13 @@ count, converted to 16 kHz mono here (integer ratios by averaging, 24 and 44.1 k
 interpolation); other rates are refused as undecodable. pocketsphinx is optional
 (`pip install 'voxqueue[speech]'`): `speech_available()` says whether this engine can run.
 Decoding is CPU work: the server calls `feed` in a thread.
+
+On `/v2/listen` (Flux), `FluxSpeechEngine` makes turns of the same recognition: a turn starts at
+the first words heard (StartOfTurn) and ends where the endpointer ends the utterance (EndOfTurn,
+trigger "model"), or on ForceEndTurn ("manual"). Updates follow every 240 ms of audio, as in
+flux.py. It has no confidence model, so no EagerEndOfTurn/TurnResumed, and `eot_timeout_ms` never
+applies: the endpointer ends every utterance after well under a second of silence (the minimum
+timeout is 500 ms, and its window here is 0.3 s).
 """
 
 from __future__ import annotations
@@ -34,6 +41,16 @@ from typing import Any, Final
 
 from . import g711
 from .events import BadAudio, Event, SpeechStarted, Transcript, UtteranceEnd, Word, seconds
+from .flux import (
+    END_OF_TURN,
+    LOW_CONFIDENCE,
+    MODEL_EOT_CONFIDENCE,
+    START_OF_TURN,
+    UPDATE,
+    UPDATE_MS,
+    TurnEvent,
+)
+from .options import Thresholds
 
 try:  # optional dependency
     from pocketsphinx import Decoder, Endpointer
@@ -403,3 +420,111 @@ class SpeechEngine:
             from_finalize=from_finalize,
             text=text,
         )
+
+
+class FluxSpeechEngine:
+    """Flux turns over `SpeechEngine`: one turn per utterance of its endpointer."""
+
+    blocking = True
+
+    def __init__(
+        self,
+        *,
+        sample_rate: int = RATE,
+        encoding: str = "linear16",
+        thresholds: Thresholds | None = None,
+        final_every: float = 0.5,
+    ) -> None:
+        # Interim results give the live hypothesis that opens a turn early (barge-in); finals end it.
+        self._v1 = SpeechEngine(
+            sample_rate=sample_rate, encoding=encoding, interim_results=True, final_every=final_every
+        )
+        self.thresholds = thresholds or Thresholds()
+        width = 1 if encoding in ("mulaw", "alaw") else 2
+        self._bytes_per_second = sample_rate * width
+        self._received = 0
+        self._update_slot = 0  # 240 ms slots of audio whose Update is done
+        self.turn_index = 0
+        self._window_start = 0.0
+        self._open = False
+        self._turn_words: list[Word] = []  # words of the open turn's finals so far
+        self._partial: tuple[Word, ...] = ()  # the latest live hypothesis after them
+        self.lag_ns: list[int] = []
+
+    def set_thresholds(self, thresholds: Thresholds) -> None:
+        self.thresholds = thresholds  # kept for the end-of-turn confidence; see the module docstring
+
+    def _position(self) -> float:
+        return seconds(self._received / self._bytes_per_second)
+
+    def feed(self, data: bytes, now_ns: int = 0) -> list[TurnEvent]:
+        heard = self._v1.feed(data)
+        self._received += len(data)
+        out = self._turns(heard, manual=False)
+        slot = self._received * 1000 // (self._bytes_per_second * UPDATE_MS)
+        if slot > self._update_slot:
+            self._update_slot = slot
+            if not out:  # as in flux.py: no Update next to another event
+                out.append(self._info(UPDATE, seconds(slot * UPDATE_MS / 1000)))
+        return out
+
+    def force_end_turn(self) -> list[TurnEvent]:
+        # Finalize makes the recogniser decode what its endpointer still holds: words said just
+        # before the ForceEndTurn belong to the turn it ends.
+        return self._turns(self._v1.finalize(), manual=True)
+
+    def close_stream(self) -> list[TurnEvent]:
+        return []  # CloseStream does not end an open turn; everything else was answered in feed
+
+    def release(self) -> None:
+        self._v1.release()
+
+    def _turns(self, heard: list[Event], *, manual: bool) -> list[TurnEvent]:
+        out: list[TurnEvent] = []
+        for e in heard:
+            if not isinstance(e, Transcript):
+                continue
+            end = seconds(e.start + e.duration)
+            if e.is_final:
+                self._turn_words.extend(e.words)
+                self._partial = ()
+            elif e.words:
+                self._partial = e.words
+            if e.words and not self._open:
+                self._open = True
+                out.append(self._info(START_OF_TURN, end))
+            if e.is_final and e.speech_final and self._open and not manual:
+                out.append(self._end("model", end))
+        if manual and self._open:
+            out.append(self._end("manual", self._position()))
+        return out
+
+    def _info(self, event: str, end: float) -> TurnEvent:
+        return TurnEvent(
+            event=event,
+            turn_index=self.turn_index,
+            window_start=self._window_start,
+            window_end=max(end, self._window_start),
+            words=(*self._turn_words, *self._partial),
+            end_of_turn_confidence=LOW_CONFIDENCE,
+        )
+
+    def _end(self, trigger: str, end: float) -> TurnEvent:
+        confidence = (
+            max(MODEL_EOT_CONFIDENCE, self.thresholds.eot_threshold) if trigger == "model" else LOW_CONFIDENCE
+        )
+        event = TurnEvent(
+            event=END_OF_TURN,
+            turn_index=self.turn_index,
+            window_start=self._window_start,
+            window_end=max(end, self._window_start),
+            words=tuple(self._turn_words),
+            end_of_turn_confidence=confidence,
+            trigger=trigger,
+        )
+        self.turn_index += 1
+        self._window_start = event.window_end
+        self._open = False
+        self._turn_words = []
+        self._partial = ()
+        return event
