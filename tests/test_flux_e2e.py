@@ -36,7 +36,9 @@ class Script:
     turns: list[list[int]]
 
 
-def script(rng: random.Random, turns: int, *, words: tuple[int, int] = (2, 8), gap: tuple[int, int] = (5, 30)) -> Script:
+def script(
+    rng: random.Random, turns: int, *, words: tuple[int, int] = (2, 8), gap: tuple[int, int] = (5, 30)
+) -> Script:
     frames: list[bytes] = []
     spoken: list[list[int]] = []
     for _ in range(turns):
@@ -49,7 +51,9 @@ def script(rng: random.Random, turns: int, *, words: tuple[int, int] = (2, 8), g
     return Script(frames, spoken)
 
 
-async def produce(producer: Producer, sid: str, s: Script, *, realtime: bool, options: dict[str, Any] | None = None) -> None:
+async def produce(
+    producer: Producer, sid: str, s: Script, *, realtime: bool, options: dict[str, Any] | None = None
+) -> None:
     session = await producer.open_session(sid=sid, options=options or FLUX)
     start = time.monotonic()
     for n, frame in enumerate(s.frames):
@@ -91,7 +95,7 @@ async def test_a_flux_session_publishes_each_turn_end_once_with_control_entries(
         frames += [SILENCE] * 5 + [marker_frame(13, eager=True), marker_frame(14, end_of_turn=True)]
         await session.send(b"".join(frames))
         await session.configure(eot_threshold=0.8, eot_timeout_ms=3000)
-        await session.send(b"".join([SILENCE] * 3 + [marker_frame(n) for n in range(23, 26)]))
+        await session.send(b"".join([SILENCE] * 3 + [marker_frame(n) for n in range(18, 21)]))
         await session.force_end_turn()  # the third turn has no flag: ended by the producer
         await session.send(SILENCE * 10)
         await session.end()
@@ -100,9 +104,9 @@ async def test_a_flux_session_publishes_each_turn_end_once_with_control_entries(
         assert [(e["turn_index"], e["transcript"], e["trigger"]) for e in ends] == [
             (0, "f5 f6 f7", "model"),
             (1, "f13 f14", "model"),
-            (2, "f23 f24 f25", "manual"),
+            (2, "f18 f19 f20", "manual"),
         ]
-        assert [e["seq_to"] for e in ends] == [7, 14, 25]
+        assert [e["seq_to"] for e in ends] == [7, 14, 20]  # the frame numbers are the words
         eager = [e for e in events if e["type"] == p.TURN and e["event"] == "EagerEndOfTurn"]
         assert [e["turn_index"] for e in eager] == [1]
         assert all(not e["is_final"] for e in events if e["type"] == p.TURN and e["event"] != "EndOfTurn")
@@ -121,8 +125,8 @@ async def test_flux_turns_are_exact_across_dropped_connections() -> None:
         await wait_until_ended(r.redis, r.producer.keys, list(scripts), 60)
         for sid, s in scripts.items():
             await check_turns(r.redis, r.producer.keys, sid, s)
-        stats = r.emulator.stats.snapshot()
-        assert stats["connections_dropped"] > 0, stats
+        stats = r.emulator.stats_json()
+        assert sum(stats["drops"].values()) >= 2, stats  # the faults really happened
 
 
 # ------------------------------------------------------------------------------------ chaos tier
@@ -140,14 +144,21 @@ async def test_flux_turns_are_exact_across_kill_nine_mid_turn(tmp_path: Path) ->
         await stack.wait_workers_ready(2)
         rng = random.Random(17)
         scripts = {
-            f"flux-kill-{i}": script(rng, turns=rng.randint(6, 10), words=(10, 25), gap=(5, 15)) for i in range(12)
+            f"flux-kill-{i}": script(rng, turns=rng.randint(6, 10), words=(10, 25), gap=(5, 15))
+            for i in range(12)
         }
         redis = stack.client()
         async with Producer(redis) as producer:
-            producing = asyncio.gather(*(produce(producer, sid, s, realtime=True) for sid, s in scripts.items()))
+            producing = asyncio.gather(
+                *(produce(producer, sid, s, realtime=True) for sid, s in scripts.items())
+            )
             await asyncio.sleep(2.5)
             victim = "f1"
-            owned = [sid for sid in scripts if await redis.hget(stack.keys.session(sid).state, "owner") == victim.encode()]
+            owned = [
+                sid
+                for sid in scripts
+                if await redis.hget(stack.keys.session(sid).state, "owner") == victim.encode()
+            ]
             stack.signal_worker(victim, signal.SIGKILL)
             await producing
         try:
@@ -155,7 +166,9 @@ async def test_flux_turns_are_exact_across_kill_nine_mid_turn(tmp_path: Path) ->
             assert owned, "the killed worker owned no session"
             for sid, s in scripts.items():
                 await check_turns(redis, stack.keys, sid, s)
-            taken = [sid for sid in owned if int(await redis.hget(stack.keys.session(sid).state, "takeovers") or 0)]
+            taken = [
+                sid for sid in owned if int(await redis.hget(stack.keys.session(sid).state, "takeovers") or 0)
+            ]
             assert taken == owned
             assert await sessions_pending(redis, stack.keys) == 0
             print(f"CHAOS flux kill-9 sessions={len(scripts)} taken_over={len(taken)}")

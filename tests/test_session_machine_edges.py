@@ -540,3 +540,27 @@ def test_a_new_machine_reads_from_its_resume_point() -> None:
     field is set: the runner logs machines)."""
     m = sm.SessionMachine("s1", RULES, sm.Resume(2, 9, eid(9), 4), rng=random.Random(1))
     assert m.last_read_id == eid(9) and "s1" in repr(m)
+
+
+def test_replaying_old_audio_is_no_input_so_a_failing_session_is_still_found_idle() -> None:
+    """A producer that went silent while the session's connections keep failing (Flux closes idle
+    connections: it has no KeepAlive) must be abandoned after the idle timeout, not kept alive by
+    its own replays of audio it had already read."""
+    from tests.test_session_machine import DROP, FB, STARTED, InstantSends, entry, of
+
+    rules = sm.Rules(frame_bytes=FB, catchup_speed=0, stall_seconds=1e9, idle_timeout=60, max_retries=1000)
+    m = InstantSends("s1", rules, sm.Resume(1), rng=random.Random(1))
+    m.begin(0.0, STARTED)
+    now = 0.0
+    for _ in range(10):  # a connection every 10 s, each replaying frames 0..4 and failing
+        m.commit_point(-1, b"0-0")
+        m.connected(now)
+        m.caught_up([entry(s) for s in range(5)], now)
+        if now >= 60:
+            assert any(isinstance(a, sm.CloseInput) for a in m.tick(now)), "not abandoned"
+            return
+        assert of(sm.CloseInput, m.tick(now)) == []
+        now += 10
+        m.failed(DROP, now)
+        m.reconnecting()
+    raise AssertionError("the session was never found idle")

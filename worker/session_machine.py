@@ -62,7 +62,7 @@ from worker.backoff import Backoff
 from worker.events import EventFactory
 from worker.failures import Failure
 from worker.flow import CatchupPacer, LinkClock
-from worker.ledger import Admission, Commit, FrameLedger
+from worker.ledger import Admission, Commit, FrameLedger, stream_id_key
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 
@@ -336,6 +336,7 @@ class SessionMachine:
     replies: int = 0  # replies on the current connection
     last_read_id: bytes = field(init=False)
     last_input_at: float = 0.0
+    input_seen_to: bytes = b"0-0"  # the furthest audio entry ever read (replays read below it)
     end_seen: bool = False
     closing: _Closing | None = None
     closing_since: float = 0.0
@@ -548,6 +549,7 @@ class SessionMachine:
             record(self.ledger.next_seq, entry_id)
         self.last_read_id = entries[-1][0]
         self.last_input_at = now
+        self.input_seen_to = entries[-1][0]
         # Written at once: the send that follows writes to the transport before its first await.
         self.ledger.mark_written(self.ledger.next_seq - 1)
         self.pacer.sent(seconds)
@@ -556,8 +558,11 @@ class SessionMachine:
 
     def _process(self, entries: list[Entry], now: float) -> list[Action]:
         """Decodes entries in stream order and turns them into actions."""
-        if entries:  # an empty catch-up read after a reconnect is no sign of a producer
+        if entries and stream_id_key(entries[-1][0]) > stream_id_key(self.input_seen_to):
+            # New input. Entries a replay reads again, or an empty read, are no sign of a producer:
+            # a session whose connections keep failing over old audio must still be found idle.
             self.last_input_at = now
+            self.input_seen_to = entries[-1][0]
         ledger = self.ledger
         rules = self.rules
         actions: list[Action] = []
@@ -847,8 +852,9 @@ class SessionMachine:
 
     def clean_close(self, code: int | None) -> bool:
         """Whether a close frame with this code, received while closing, is the server's normal end
-        of the stream. Flux closes after CloseStream without a status code (1005); a close without
-        any frame (1006) is a dropped connection either way, and is replayed."""
+        of the stream. Flux closes after CloseStream without a status code (1005; websockets
+        already counts that as a normal close, other clients may not); a close without any frame
+        (1006) is a dropped connection either way, and is replayed."""
         if code in (1000, 1001):
             return True
         return self.rules.flux and code == 1005 and self.phase is Phase.CLOSING

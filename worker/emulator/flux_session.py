@@ -14,7 +14,8 @@ message it sends, whatever the type):
   as a crash would not.
 
 Client messages: binary audio; {"type": "CloseStream"} (everything due is sent, an open turn is not
-ended, then close 1000; an empty binary message means the same, as on v1); {"type": "ForceEndTurn"}
+ended, then a close frame without a status code (1005 to the client), as Deepgram documents; an
+empty binary message means the same, as on v1); {"type": "ForceEndTurn"}
 (ends the open turn at once, trigger "manual"; nothing when no turn is open); {"type": "Configure",
 "thresholds": {...}, "keyterms": [...], "language_hints": [...], "numerals": bool}, each part
 optional, a missing part or threshold keeps its value. Flux has no KeepAlive and no Finalize: any
@@ -34,7 +35,7 @@ from websockets.asyncio.server import ServerConnection
 from .flux import END_OF_TURN, FluxEngine, TurnEvent
 from .messages import FluxRenderer
 from .options import FluxOptions, OptionError, check_terms
-from .session import BaseSession
+from .session import NO_STATUS, BaseSession
 
 UNKNOWN_MESSAGE_CODE: Final = "UNPARSABLE_CLIENT_MESSAGE"
 UNKNOWN_MESSAGE_REASON: Final = "The client message is not one of CloseStream, ForceEndTurn, Configure."
@@ -133,7 +134,9 @@ class FluxSession(BaseSession[FluxEngine, TurnEvent]):
 
     async def _close_stream(self) -> None:
         await self._send_events(await self._call(self._engine.close_stream))
-        await self._close(1000, "")
+        # Flux closes after CloseStream without a status code (Deepgram's Close Stream page): an
+        # empty close frame, which clients see as 1005, not the 1000 of v1.
+        await self._close(NO_STATUS, "")
 
     async def _send_events(self, events: list[TurnEvent]) -> None:
         r = self._renderer

@@ -242,7 +242,7 @@ class BaseSession(Generic[EngineT, EventT]):
                 if wait > 0:
                     await asyncio.sleep(wait)
                 if payload is _CLOSE:
-                    await self._conn.close(code, reason)
+                    await _send_close(self._conn, code, reason)
                     return
                 await self._conn.send(payload)
 
@@ -258,7 +258,17 @@ class BaseSession(Generic[EngineT, EventT]):
             return
         if self._sender is not None:
             self._sender.cancel()
-        await self._conn.close(code, reason)
+        await _send_close(self._conn, code, reason)
+
+
+NO_STATUS: Final = 1005  # "close without a status code": an empty close frame (Flux after CloseStream)
+
+
+async def _send_close(conn: ServerConnection, code: int, reason: str) -> None:
+    if code == NO_STATUS:
+        await conn.close(None, "")  # type: ignore[arg-type]  # websockets sends an empty close frame
+    else:
+        await conn.close(code, reason)
 
 
 class Session(BaseSession[Engine, Event]):
