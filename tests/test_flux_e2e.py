@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,3 +179,30 @@ async def test_flux_turns_are_exact_across_kill_nine_mid_turn(tmp_path: Path) ->
             await redis.aclose()
     finally:
         stack.stop()
+
+
+def doc_block(name: str) -> str:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    block = text.split(f"<!-- {name}:start -->", 1)[1].split(f"<!-- {name}:end -->", 1)[0]
+    match = re.search(r"```sh\n(.*?)```", block, re.S)
+    assert match, f"docs/protocol.md lost its {name} block"
+    return match.group(1)
+
+
+@pytest.mark.skipif(shutil.which("redis-cli") is None, reason="redis-cli is not installed")
+async def test_the_redis_cli_control_entries_of_protocol_doc_work() -> None:
+    async with rig() as r:
+        session = await r.producer.open_session(sid="agent-7", options=FLUX)
+        await session.send(b"".join(marker_frame(n) for n in range(5)))  # a turn, still open
+        port = r.redis.connection_pool.connection_kwargs["port"]
+        script = f'redis-cli() {{ command redis-cli -p {port} "$@"; }}\n' + doc_block("flux-control")
+        result = await asyncio.to_thread(
+            subprocess.run, ["bash", "-eu", "-c", script], capture_output=True, text=True, timeout=30
+        )
+        assert result.returncode == 0 and "ERR" not in result.stdout, result
+        await session.send(SILENCE * 5)
+        await session.end()
+        ends = turn_ends([e async for e in session.events()])
+        assert [(e["transcript"], e["trigger"]) for e in ends] == [("f0 f1 f2 f3 f4", "manual")]
+        state = r.producer.keys.session("agent-7").state
+        assert await r.redis.hget(state, "configure") == b'{"eot_threshold":"0.8"}'
