@@ -168,6 +168,10 @@ async def _renew(t: TakenOver, epoch: int, owner: str) -> Any:
     return await t.store.renew(KEYS.sessions(0), owner, [(t.sk.state, t.entry, epoch)])
 
 
+async def _save_configure(t: TakenOver, epoch: int, owner: str) -> Any:
+    return await t.store.save_configure(t.sk, epoch, {"eot_threshold": "0.8"})
+
+
 # (call, what the stale caller gets: an exception type or a return value)
 STALE_CASES: dict[str, tuple[Call, Any]] = {
     "COMMIT": (_commit, Fenced),
@@ -178,6 +182,7 @@ STALE_CASES: dict[str, tuple[Call, Any]] = {
     "REJECT_ENTRY": (_reject, Fenced),
     "RELEASE": (_release, False),
     "RENEW": (_renew, [0]),
+    "SAVE_CONFIGURE": (_save_configure, Fenced),
 }
 
 
