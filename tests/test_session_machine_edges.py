@@ -552,10 +552,14 @@ def test_replaying_old_audio_is_no_input_so_a_failing_session_is_still_found_idl
     m = InstantSends("s1", rules, sm.Resume(1), rng=random.Random(1))
     m.begin(0.0, STARTED)
     now = 0.0
-    for _ in range(10):  # a connection every 10 s, each replaying frames 0..4 and failing
+    for attempt in range(10):  # a connection every 10 s, each replaying frames 0..4 and failing
         m.commit_point(-1, b"0-0")
         m.connected(now)
-        m.caught_up([entry(s) for s in range(5)], now)
+        if attempt == 0:  # the frames first arrive live, sent inline by the reader
+            m.caught_up([], now)
+            assert m.live_inline([entry(s) for s in range(5)], now) is not None
+        else:
+            m.caught_up([entry(s) for s in range(5)], now)
         if now >= 60:
             assert any(isinstance(a, sm.CloseInput) for a in m.tick(now)), "not abandoned"
             return

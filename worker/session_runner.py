@@ -33,6 +33,7 @@ from worker.deepgram_link import DeepgramLink, request_id_of
 from worker.failures import Failure, classify
 from worker.metrics import METRICS, entry_age
 from worker.store import TRANSIENT_REDIS_ERRORS, Acquired, Fenced, SessionStore
+from worker.ws_send import write_binary
 
 log = structlog.get_logger("voxqueue.session")
 
@@ -301,13 +302,19 @@ class SessionRunner:
         delay = action.not_before - asyncio.get_running_loop().time()
         if delay > 0:
             await asyncio.sleep(delay)
-        await conn.send_media(action.payload)
+        # Written directly while the socket drains (the SDK's send would not wait either); past the
+        # low-water mark, through the SDK, whose send waits for the buffer to drain.
+        if not (_below_low_water(conn, len(action.payload)) and write_binary(conn, action.payload)):
+            await conn.send_media(action.payload)
         self.machine.written(action.last_seq)
-        METRICS.frames_sent.inc(action.frames)
+        unacked = self.machine.ledger.unacked
+        self._count_sent(action.frames, unacked[-1][1] if unacked else None)
+
+    def _count_sent(self, frames: int, last_entry_id: bytes | None) -> None:
+        METRICS.frames_sent.inc(frames)
         self._sends += 1
-        if not self._sends % LAG_SAMPLE_EVERY:
-            unacked = self.machine.ledger.unacked
-            lag = entry_age(unacked[-1][1], time.time()) if unacked else None
+        if last_entry_id is not None and not self._sends % LAG_SAMPLE_EVERY:
+            lag = entry_age(last_entry_id, time.time())
             if lag is not None:
                 METRICS.frame_lag.observe(max(0.0, lag))
 
@@ -323,29 +330,22 @@ class SessionRunner:
         conn = self.parked_conn
         if conn is None or self.inline_busy or self.inbox.entries or self.inbox.overflowed:
             return False
-        transport = getattr(getattr(conn, "_websocket", None), "transport", None)
-        if transport is None:
-            return False
         # Only when the write cannot pause the transport: the send then never waits in drain, so
         # a socket that stopped draining can never hold the shared reader (the slow path sends it
         # from this session's own task). Below the low-water mark the transport is never paused.
-        low_water = transport.get_write_buffer_limits()[0] or INLINE_MAX_BUFFERED
-        incoming = len(entries) * self.machine.rules.frame_bytes + 64
-        if transport.get_write_buffer_size() + incoming > min(low_water, INLINE_MAX_BUFFERED):
+        if not _below_low_water(conn, len(entries) * self.machine.rules.frame_bytes):
             return False
         payload = self.machine.live_inline(entries, asyncio.get_running_loop().time())
         if payload is None:
             return False
+        if write_binary(conn, payload):  # the common case: written now, no await, no task switch
+            self._count_sent(len(entries), entries[-1][0])
+            return True
         generation = self.generation
         self.inline_busy = True
         try:
             await conn.send_media(payload)
-            METRICS.frames_sent.inc(len(entries))
-            self._sends += 1
-            if not self._sends % LAG_SAMPLE_EVERY:
-                lag = entry_age(entries[-1][0], time.time())
-                if lag is not None:
-                    METRICS.frame_lag.observe(max(0.0, lag))
+            self._count_sent(len(entries), entries[-1][0])
         except Exception as exc:
             if generation == self.generation:
                 self.inline_error = exc
@@ -482,6 +482,16 @@ class SessionRunner:
                     "redis unavailable, retrying", error=type(exc).__name__, retry_in=round(delay, 2)
                 )
                 await asyncio.sleep(delay)
+
+
+def _below_low_water(conn: Any, incoming: int) -> bool:
+    """Whether `incoming` more bytes keep the connection's write buffer below its low-water mark
+    (below it the transport is never paused, so a write never has to wait for a drain)."""
+    transport = getattr(getattr(conn, "_websocket", None), "transport", None)
+    if transport is None:
+        return False
+    low_water = transport.get_write_buffer_limits()[0] or INLINE_MAX_BUFFERED
+    return transport.get_write_buffer_size() + incoming + 64 <= min(low_water, INLINE_MAX_BUFFERED)
 
 
 def configure_message(thresholds: dict[str, str]) -> dict[str, Any]:
