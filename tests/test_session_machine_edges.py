@@ -542,7 +542,8 @@ def test_a_new_machine_reads_from_its_resume_point() -> None:
     assert m.last_read_id == eid(9) and "s1" in repr(m)
 
 
-def test_replaying_old_audio_is_no_input_so_a_failing_session_is_still_found_idle() -> None:
+@pytest.mark.parametrize("first", ["inline", "live"])
+def test_replaying_old_audio_is_no_input_so_a_failing_session_is_still_found_idle(first: str) -> None:
     """A producer that went silent while the session's connections keep failing (Flux closes idle
     connections: it has no KeepAlive) must be abandoned after the idle timeout, not kept alive by
     its own replays of audio it had already read."""
@@ -555,9 +556,12 @@ def test_replaying_old_audio_is_no_input_so_a_failing_session_is_still_found_idl
     for attempt in range(10):  # a connection every 10 s, each replaying frames 0..4 and failing
         m.commit_point(-1, b"0-0")
         m.connected(now)
-        if attempt == 0:  # the frames first arrive live, sent inline by the reader
+        if attempt == 0:  # the frames first arrive live (sent inline by the reader, or not)
             m.caught_up([], now)
-            assert m.live_inline([entry(s) for s in range(5)], now) is not None
+            if first == "inline":
+                assert m.live_inline([entry(s) for s in range(5)], now) is not None
+            else:
+                m.live([entry(s) for s in range(5)], now)
         else:
             m.caught_up([entry(s) for s in range(5)], now)
         if now >= 60:

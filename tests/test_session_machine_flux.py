@@ -472,3 +472,42 @@ def test_model_world_drops_are_real() -> None:
             world.step()
         drops += len(world.connections) > 1
     assert drops >= 10
+
+
+def test_connected_and_request_id_and_warnings() -> None:
+    m = flux_machine()
+    assert m.message(dm.Connected("req-9"), 1.0) == [] and m.request_id == "req-9"
+    [note] = m.message(dm.FluxWarning("SLOW", "x"), 1.0)
+    assert (note.what, note.fields["code"]) == ("deepgram_warning", "SLOW")
+    [note] = m.message(dm.FatalError("BAD", "y"), 1.0)
+    assert note.what == "deepgram_error_message"
+
+
+def test_a_turn_ends_and_then_silence_is_committed_again() -> None:
+    m = flux_machine()
+    feed(m, range(60))
+    m.message(turn("StartOfTurn", 0.0, 0.1, "a"), 1.0)
+    assert m.message(turn("Update", 0.0, 0.3), 1.0) == []  # a turn is open
+    m.commit_result(m.message(end_of_turn(0.0, 0.4), 1.0)[0], "ok")
+    [commit] = m.message(turn("Update", 0.4, 1.0), 1.0)  # the turn ended: silence commits again
+    assert (commit.commit.seq_from, commit.commit.seq_to, commit.event) == (20, 44, None)
+
+
+def test_a_turn_open_when_the_connection_dropped_is_not_open_on_the_next() -> None:
+    m = flux_machine()
+    feed(m, range(20))
+    m.message(turn("StartOfTurn", 0.0, 0.1, "a"), 1.0)
+    m.failed(DROP, 1.0)
+    m.reconnecting()
+    m.commit_point(-1, b"0-0")
+    m.connected(2.0)
+    m.caught_up([entry(s) for s in range(20)], 2.0)
+    [commit] = m.message(turn("Update", 0.0, 0.3), 2.0)  # no turn on this connection yet
+    assert commit.commit.seq_to == 9 and commit.event is None
+
+
+def test_an_empty_turn_end_covering_nothing_new_is_ignored() -> None:
+    m = flux_machine()
+    feed(m, range(10))
+    m.commit_result(m.message(end_of_turn(0.0, 0.2), 1.0)[0], "ok")
+    assert m.message(end_of_turn(0.0, 0.2, text=""), 1.0) == []
