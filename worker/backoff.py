@@ -5,6 +5,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+# One generator for every Backoff that is not given its own: `random.Random()` seeds itself from
+# os.urandom (a syscall and ~2.5 KB of state), and a Backoff is made for every Redis call a session
+# retries, so per-instance generators showed up in the worker's profile.
+_SHARED_RNG = random.Random()
+
 
 @dataclass(slots=True)
 class Backoff:
@@ -12,7 +17,7 @@ class Backoff:
     maximum: float = 10.0
     multiplier: float = 2.0
     attempts: int = 0
-    rng: random.Random = field(default_factory=random.Random)
+    rng: random.Random = field(default_factory=lambda: _SHARED_RNG)
 
     def next_delay(self) -> float:
         """The next wait: uniform in [cap/2, cap] where cap grows exponentially up to `maximum`.

@@ -87,6 +87,9 @@ class SessionRunner:
         self.inline_error: BaseException | None = None
         self.generation = 0  # one per Deepgram connection
         self._sends = 0
+        # The event loop, kept: asyncio.get_running_loop() checks os.getpid() on every call, and
+        # glibc no longer caches getpid, so on the per-frame path it is a syscall each time.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def epoch(self) -> int:
@@ -101,6 +104,7 @@ class SessionRunner:
     # ------------------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
         structlog.contextvars.bind_contextvars(sid=self.sid)
         error: p.ProtocolError | None = None
         try:
@@ -299,7 +303,7 @@ class SessionRunner:
         return self.machine.clean_close(exc.rcvd.code)
 
     async def _send(self, conn: Any, action: sm.Send) -> None:
-        delay = action.not_before - asyncio.get_running_loop().time()
+        delay = action.not_before - (self.loop or asyncio.get_running_loop()).time()
         if delay > 0:
             await asyncio.sleep(delay)
         # Written directly while the socket drains (the SDK's send would not wait either); past the
@@ -335,7 +339,7 @@ class SessionRunner:
         # from this session's own task). Below the low-water mark the transport is never paused.
         if not _below_low_water(conn, len(entries) * self.machine.rules.frame_bytes):
             return False
-        payload = self.machine.live_inline(entries, asyncio.get_running_loop().time())
+        payload = self.machine.live_inline(entries, (self.loop or asyncio.get_running_loop()).time())
         if payload is None:
             return False
         if write_binary(conn, payload):  # the common case: written now, no await, no task switch
@@ -472,11 +476,12 @@ class SessionRunner:
     async def _retry_redis(self, call: Callable[[], Awaitable[T]]) -> T:
         """Redis outages are waited out (the lease protects the session meanwhile, and fencing keeps
         a late write harmless); every call made through here is idempotent or best-effort."""
-        backoff = Backoff(0.05, 2.0)
+        backoff: Backoff | None = None  # made only when a call fails: this is the hot path
         while True:
             try:
                 return await call()
             except TRANSIENT_REDIS_ERRORS as exc:
+                backoff = backoff or Backoff(0.05, 2.0)
                 delay = backoff.next_delay()
                 self.log.warning(
                     "redis unavailable, retrying", error=type(exc).__name__, retry_in=round(delay, 2)
