@@ -68,7 +68,7 @@ from producer.resp import bulk, pack_xadd
 log = logging.getLogger("voxqueue.producer")
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-DEFAULT_FLUSH_INTERVAL = 0.002  # seconds; see Batcher
+DEFAULT_FLUSH_INTERVAL = 0.005  # seconds; see Batcher
 
 
 class ProducerError(Exception):
@@ -212,6 +212,14 @@ class _Batch:
             self.done = _shared_future()
         return self.done
 
+    def adopt(self, fut: asyncio.Future[None]) -> None:
+        """Whoever waits on `fut` (a batch whose commands moved into this one) now waits for this
+        batch: `fut` gets this batch's outcome."""
+        if self.done is None:
+            self.done = fut
+        elif fut is not self.done:
+            self.done.add_done_callback(lambda done: _copy_outcome(done, fut))
+
     def resolve(self) -> None:
         if self.done is not None and not self.done.done():
             self.done.set_result(None)
@@ -234,10 +242,16 @@ class Batcher:
     its round trips at 1/flush_interval per second. `flush_interval` 0 removes the cap (flush
     whenever the loop is free).
 
-    Why the default is 2 ms (measured, 200 real-time sessions with start times spread over the
-    20 ms frame period, 2-core machine, redis-py 8.1 + hiredis): interval 0 sent ~2 frames per
-    round trip at ~75-85 us CPU per frame; 2 ms sent 25-50 per round trip at a fraction of that,
-    for at most 2 ms of added latency on a 20 ms frame.
+    Why the default is 5 ms (measured with `make bench`, real-time sessions with start times
+    spread over the 20 ms frame period, 2-core VM, redis-py 8.1 + hiredis): a round trip costs
+    the producer a socket write, a wakeup for the replies and a read, tens of microseconds on a
+    VM, whatever it carries. Interval 0 sent ~2 frames per round trip (~75-85 us CPU per frame
+    with the old task-based sender); 2 ms sent ~5 per round trip at 50 sessions, 5 ms ~12 (and
+    ~50 at 200 sessions), which took the producer's CPU per frame net of the backend's own pacing
+    from 0.35-0.60 to ~0.26 of the direct pattern's at 50 sessions (noisy machine, BENCHMARKS.md).
+    The price is latency: at most 5 ms more per frame, 2-3 ms more frame lag p99 end to end
+    (the worker reads every 10 ms anyway). Latency-bound deployments with few sessions per
+    process can pass a smaller `flush_interval`.
     """
 
     def __init__(
@@ -440,14 +454,20 @@ class Batcher:
         """Unacknowledged commands back to the front of the queue (still outstanding)."""
         self._pending.prepend(entries)
 
-    def _connection_failed(self, exc: BaseException, waiting: list[_Batch]) -> None:
-        """A flush or connect failed for want of Redis: everything stays queued; whoever waits
-        hears about it."""
+    def _connection_failed(self, exc: BaseException, waiting: list[_Batch], *, tell: bool = True) -> None:
+        """A flush or connect failed for want of Redis: everything stays queued. Whoever waits
+        hears about it, unless `tell` is False: then the waiters of `waiting` wait on for the
+        commands that were re-queued (a connection dropped once, the next one may well work)."""
         self.stats.errors += 1
         self._failures += 1
         self.last_error = exc
         queued = len(self._pending.entries)
         log.warning("Redis unreachable, %d commands queued for retry: %s", queued, exc)
+        if not tell:
+            for batch in waiting:
+                if batch.done is not None:
+                    self._pending.adopt(batch.done)
+            return
         error = ProducerConnectionError(
             f"Redis unreachable ({exc}); {queued} commands stay queued and are retried"
         )
@@ -584,7 +604,11 @@ class _WireEngine(asyncio.Protocol):
             handled, rest = batch.entries[: self.replies], batch.entries[self.replies :]
             self._account_handled(handled)
             b._requeue(rest)
-            b._connection_failed(exc or RedisConnectionError("connection closed by Redis"), [batch])
+            # A first loss is not reported to whoever waits: the commands go out again on the next
+            # connection, and a waiter hears of it only if that fails too (connect or flush).
+            b._connection_failed(
+                exc or RedisConnectionError("connection closed by Redis"), [batch], tell=b._failures > 0
+            )
         elif b._pending.entries:
             # Lost before the queued commands went out: reconnect after a backoff too, so a
             # server that accepts connections and drops them cannot make this a busy loop.
@@ -904,6 +928,17 @@ _NOT_ENOUGH = object()  # hiredis: no complete reply buffered yet
 
 def _reader() -> hiredis.Reader:
     return hiredis.Reader(replyError=ResponseError, notEnoughData=_NOT_ENOUGH)
+
+
+def _copy_outcome(source: asyncio.Future[None], target: asyncio.Future[None]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(None)
 
 
 def _shared_future() -> asyncio.Future[None]:

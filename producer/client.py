@@ -14,9 +14,9 @@ talking to Deepgram directly and falls behind real time. So a `ProducerSession` 
 anything itself. It cuts the audio into frames (`FrameChunker`), assigns their seq numbers, packs
 each frame's XADD straight into RESP and appends it to the process-wide `Batcher` queue, which
 sends everything queued as ONE pipeline as soon as the event loop is free, but at most once per
-`flush_interval` (2 ms by default): all sessions whose frames became ready in the meantime share
+`flush_interval` (5 ms by default): all sessions whose frames became ready in the meantime share
 one round trip, and frames that arrive while a pipeline is in flight ride in the next one. An idle
-producer sends a lone frame at once; a busy one trades at most 2 ms of latency for tens of frames
+producer sends a lone frame at once; a busy one trades at most 5 ms of latency for tens of frames
 per round trip. `producer.stats` counts round trips (`flushes`) against `frames` so tests and
 benchmarks can check the ratio.
 
@@ -102,6 +102,8 @@ from producer.protocol import DeploymentMismatch as WireDeploymentMismatch
 from producer.resp import bulk
 from producer.secrets import redact_url, url_password
 from producer.transcripts import SessionLost
+
+_monotonic = time.monotonic  # read once per send_nowait: bound here, not looked up each time
 
 __all__ = [
     "DEFAULT_AUDIO_TTL",
@@ -339,6 +341,7 @@ class ProducerSession:
         self._frame_bytes = format.frame_bytes
         self._audio_key = keys.audio
         self._pack = _frame_packer(keys.audio)
+        self._pack_whole = _frame_packer(keys.audio, format.frame_bytes)
         self._expire = expire_entry(keys.audio, producer.audio_ttl, self)
         self._expire_every = producer.audio_ttl_refresh
         self._expire_due = 0.0  # the first frames set the TTL (the stream exists only then)
@@ -381,8 +384,8 @@ class ProducerSession:
                 raise batcher.queue_full(1)
             seq = chunker.next_seq
             chunker.next_seq = seq + 1
-            batcher.add_frame(self._pack(seq, pcm), self, self._audio_key, self._frame_bytes)
-            if time.monotonic() >= self._expire_due:
+            batcher.add_frame(self._pack_whole(seq, pcm), self, self._audio_key, self._frame_bytes)
+            if _monotonic() >= self._expire_due:
                 self._queue_expire()
             return 1
         whole = (chunker.pending_bytes + len(pcm)) // self._frame_bytes
@@ -391,7 +394,7 @@ class ProducerSession:
         entries = self._frame_entries(chunker.push(pcm))
         if entries:
             batcher.add(entries)
-            if time.monotonic() >= self._expire_due:
+            if _monotonic() >= self._expire_due:
                 self._queue_expire()
         return len(entries)
 
@@ -499,14 +502,25 @@ class ProducerSession:
             self.raise_if_failed()
 
 
-def _frame_packer(key: str) -> Callable[[int, bytes | bytearray | memoryview], bytes]:
+def _frame_packer(
+    key: str, size: int | None = None
+) -> Callable[[int, bytes | bytearray | memoryview], bytes]:
     """`pack(seq, pcm)`: the RESP of `XADD key * seq <seq> pcm <pcm>`, what producer.resp.pack_xadd
     makes of `frame_fields(seq, pcm)`, from one format string per session (the key and the field
-    names never change; the seq and the PCM are the only parts that do). The PCM is copied into
-    the command, so a caller may reuse its buffer."""
+    names never change; the seq and the PCM are the only parts that do). With `size`, for PCM of
+    exactly that many bytes (the length is then part of the format). The PCM is copied into the
+    command, so a caller may reuse its buffer."""
     head = b"*7\r\n$4\r\nXADD\r\n" + bulk(key.encode()) + b"$1\r\n*\r\n" + bulk(F_SEQ.encode())
     # "%" in a key (a session id may hold one) is literal text here, not a placeholder.
-    template = head.replace(b"%", b"%%") + b"$%d\r\n%d\r\n" + bulk(F_PCM.encode()) + b"$%d\r\n%s\r\n"
+    head = head.replace(b"%", b"%%") + b"$%d\r\n%d\r\n" + bulk(F_PCM.encode())
+    if size is not None:
+        whole = head + b"$%d\r\n" % size + b"%s\r\n"
+
+        def pack_whole(seq: int, pcm: bytes | bytearray | memoryview) -> bytes:
+            return whole % (len(str(seq)), seq, pcm)
+
+        return pack_whole
+    template = head + b"$%d\r\n%s\r\n"
 
     def pack(seq: int, pcm: bytes | bytearray | memoryview) -> bytes:
         return template % (len(str(seq)), seq, len(pcm), pcm)
