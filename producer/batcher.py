@@ -603,12 +603,15 @@ class _WireEngine(asyncio.Protocol):
             # not be stored, so they are sent again (a repeated frame is dropped by the worker).
             handled, rest = batch.entries[: self.replies], batch.entries[self.replies :]
             self._account_handled(handled)
-            b._requeue(rest)
-            # A first loss is not reported to whoever waits: the commands go out again on the next
-            # connection, and a waiter hears of it only if that fails too (connect or flush).
-            b._connection_failed(
-                exc or RedisConnectionError("connection closed by Redis"), [batch], tell=b._failures > 0
-            )
+            if not rest:  # every reply was in: dropped after (an unreadable extra reply)
+                batch.resolve()
+            else:
+                b._requeue(rest)
+                # A first loss is not reported to whoever waits: the commands go out again on the
+                # next connection, and a waiter hears of it only if that fails too.
+                b._connection_failed(
+                    exc or RedisConnectionError("connection closed by Redis"), [batch], tell=b._failures > 0
+                )
         elif b._pending.entries:
             # Lost before the queued commands went out: reconnect after a backoff too, so a
             # server that accepts connections and drops them cannot make this a busy loop.
@@ -654,6 +657,7 @@ class _WireEngine(asyncio.Protocol):
 
     def _abort(self, why: str) -> None:
         log.error("Redis connection of the producer dropped: %s", why)
+        self.b._failures += 1  # reconnect after a backoff: a server that misbehaves once may again
         if self.transport is not None:
             self.transport.abort()  # connection_lost follows: unacknowledged commands are re-sent
 

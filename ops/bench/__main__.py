@@ -463,7 +463,7 @@ class FinalsReader:
     async def _follow(self, client: aioredis.Redis, key: str) -> None:
         last = "$"
         while True:
-            reply = await client.xread({key: last}, count=1000, block=1000)
+            reply: Any = await client.xread({key: last}, count=1000, block=1000)
             now = time.time_ns()
             for _, entries in reply or ():
                 for entry_id, fields in entries:

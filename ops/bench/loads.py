@@ -22,7 +22,6 @@ import asyncio
 import json
 import random
 import resource
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -226,4 +225,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

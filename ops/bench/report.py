@@ -311,10 +311,10 @@ def plot(runs: list[tuple[str, dict[str, Any]]], stem: Path) -> list[Path]:
     width = 0.8 / max(1, len(bars))
     for i, (label, points) in enumerate(bars):
         by_s = {p["sessions"]: p for p in points}
-        xs = [j + (i - (len(bars) - 1) / 2) * width for j, s in enumerate(every_s) if s in by_s]
+        at = [j + (i - (len(bars) - 1) / 2) * width for j, s in enumerate(every_s) if s in by_s]
         heights = [s if by_s[s]["sustained"] else 0 for s in every_s if s in by_s]
-        drawn = ax.bar(xs, heights, width, label=label)
-        missed = [x for x, h in zip(xs, heights, strict=True) if h == 0]
+        drawn = ax.bar(at, heights, width, label=label)
+        missed = [x for x, h in zip(at, heights, strict=True) if h == 0]
         ax.plot(missed, [0] * len(missed), "x", color=drawn.patches[0].get_facecolor(), ms=8, mew=2)
     ax.set_xticks(range(len(every_s)), [str(s) for s in every_s])
     ax.set(
