@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from producer.audio import AudioFileError, FrameChunker, marker_frame, read_audio_file
-    from producer.batcher import ProducerConnectionError, ProducerError, SessionFailed
+    from producer.batcher import ProducerConnectionError, ProducerError, QueueFull, SessionFailed
     from producer.client import DeploymentMismatch, Producer, ProducerSession, SessionExists, connect
     from producer.pacing import Pacer
     from producer.protocol import AudioFormat, Keys
@@ -24,6 +24,7 @@ _EXPORTS = {
     "read_audio_file": "producer.audio",
     "ProducerConnectionError": "producer.batcher",
     "ProducerError": "producer.batcher",
+    "QueueFull": "producer.batcher",
     "SessionFailed": "producer.batcher",
     "DeploymentMismatch": "producer.client",
     "Producer": "producer.client",
@@ -49,6 +50,7 @@ __all__ = [
     "ProducerConnectionError",
     "ProducerError",
     "ProducerSession",
+    "QueueFull",
     "SessionExists",
     "SessionFailed",
     "SessionLost",

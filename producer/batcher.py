@@ -1,22 +1,39 @@
 """One Redis round trip for everything a process has to append, instead of one per frame.
 
 Measured: 200 sessions that each await their own XADD cost 2.7x the direct SDK and cannot
-keep up; the same frames sent as one pipeline per tick cost 0.67x. So sessions never talk to Redis:
-they hand commands to the `Batcher`, and its single flusher task sends whatever accumulated as one
-non-transactional pipeline. Callers that want to know their frames are stored await the future of
-the flush that carries them; every caller of the same flush shares that one future.
+keep up; the same frames sent as one pipeline per tick cost a fraction of it (BENCHMARKS.md). So
+sessions never talk to Redis: they append ready-packed commands to the `Batcher`'s queue, a plain
+list append with no await, and the batcher sends whatever accumulated as one non-transactional
+pipeline at most once per `flush_interval`. Callers that want to know their frames are stored
+await the future of the flush that carries them; every caller of the same flush shares that one
+future, created only when somebody asks for it.
 
-Ordering: there is exactly one flusher and it sends one pipeline at a time, and a pipeline runs its
-commands in order on one connection. Commands therefore reach Redis in the order they were
-submitted, which is what makes "session entry before the first frame" and "frames in seq order"
-hold without any per-session coordination.
+Two ways of sending, the same queue and the same rules:
+
+* **One Redis** (the common case): the batcher takes over the socket of one redis-py connection
+  (connected, authenticated and set up by redis-py, so TLS, ACL users and database numbers work as
+  configured) and drives it with callbacks, as an asyncio Protocol: a timer callback writes the
+  queued commands in one `write`, and `data_received` parses the replies with hiredis as they
+  come. A flush costs no task switch and no await: at 50 frames per second per session, the task
+  switches and per-reply coroutines of an awaited pipeline cost more than the frames themselves.
+* **Redis Cluster**, or a connection whose socket cannot be taken over: a flusher task sends one
+  hand-packed pipeline per node and reads the replies with redis-py (`_TaskEngine` below).
+
+Ordering: commands are written in the order they were queued, one pipeline at a time, on one
+connection per node; a partition is one slot. Hence a session's `sessions` entry is stored before
+its first frame, as the worker requires, its frames in seq order, and its end marker last.
+
+Backpressure: frames queued or written but not yet acknowledged by Redis are counted
+(`outstanding_frames`); past `max_pending_frames` the non-blocking `send_nowait` raises
+`QueueFull` and queues nothing, and an awaited send waits for its flush instead of returning at
+once. That bounds the memory a producer uses when Redis is slower than the audio, or away.
 
 Failures:
-- Connection loss is first retried by redis-py itself (the client's `Retry`). If that gives up, the
-  unsent commands go back to the front of the queue, the waiters of that flush get a
-  `ProducerConnectionError`, and the flusher keeps retrying with bounded exponential backoff.
-  Nothing is dropped; a retried pipeline may store a frame twice, which is harmless because the
-  worker drops frames whose seq it has already seen.
+- Connection loss: the commands not acknowledged go back to the front of the queue, the waiters of
+  the flush (and of everything queued) get a `ProducerConnectionError`, and the batcher reconnects
+  with bounded exponential backoff (redis-py's own `Retry` first retries each connect). Nothing is
+  dropped; a retried pipeline may store a frame twice, which is harmless because the worker drops
+  frames whose seq it has already seen.
 - A command Redis refuses (OOM, WRONGTYPE, NOPERM ...) fails only the session it belongs to: its
   remaining queued commands are dropped and its next call raises `SessionFailed`.
 """
@@ -25,9 +42,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -51,7 +68,7 @@ from producer.resp import bulk, pack_xadd
 log = logging.getLogger("voxqueue.producer")
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-DEFAULT_FLUSH_INTERVAL = 0.002  # seconds; see Batcher
+DEFAULT_FLUSH_INTERVAL = 0.005  # seconds; see Batcher
 
 
 class ProducerError(Exception):
@@ -66,6 +83,21 @@ class SessionFailed(ProducerError):
     """Redis refused a command of this session; the session cannot continue."""
 
 
+class QueueFull(ProducerError):
+    """`send_nowait` refused audio because more than `max_pending_frames` frames are queued or
+    waiting for Redis to acknowledge them (Redis is slower than the audio, or unreachable).
+
+    Nothing of the refused call was queued: the session's audio goes on from where it was, so the
+    caller may retry the same audio later, `await session.send(...)` it (which waits for room), or
+    drop it. `last_error` is the connection error of the last failed flush, if any."""
+
+    def __init__(self, message: str, *, outstanding: int, limit: int, last_error: BaseException | None):
+        super().__init__(message)
+        self.outstanding = outstanding
+        self.limit = limit
+        self.last_error = last_error
+
+
 class CommandOwner(Protocol):
     """What the batcher needs from a session: whether it failed, and how to fail it."""
 
@@ -75,63 +107,151 @@ class CommandOwner(Protocol):
     def fail(self, exc: BaseException) -> None: ...
 
 
-@dataclass(slots=True)
-class Command:
-    """One XADD: stream key and flat field/value list, plus who to blame if Redis refuses it.
-    With `packed` set, that RESP command is sent instead (the audio TTL's EXPIRE)."""
-
-    key: str
-    fields: dict[str, bytes | str]
-    owner: CommandOwner | None = None
-    frames: int = 0  # 1 for an audio frame; counts toward backpressure and stats
-    size: int = 0  # payload bytes, for stats
-    packed: bytes = b""
+# One queued command: (RESP bytes, owner, key, size). `size` > 0: an audio frame's XADD with that
+# many payload bytes; 0: another XADD (session entry, end or finalize marker); NOT_XADD: any other
+# command (the audio TTL's EXPIRE). A plain tuple: it is built once per frame on the hot path.
+Entry: TypeAlias = tuple[bytes, "CommandOwner | None", str, int]
+NOT_XADD = -1
 
 
-def expire_command(key: str, seconds: int, owner: CommandOwner | None = None) -> Command:
-    """`EXPIRE key seconds`, packed once: a session re-queues the same command to refresh its TTL."""
+def xadd_entry(key: str, fields: dict[str, bytes | str], owner: CommandOwner | None = None) -> Entry:
+    """`XADD key * field value ...` of anything but an audio frame (frames: `frame_entry`)."""
+    return (pack_xadd(key, fields), owner, key, 0)
+
+
+def frame_entry(key: str, packed: bytes, size: int, owner: CommandOwner | None = None) -> Entry:
+    """An audio frame's XADD, already packed (see producer.client.FramePacker); `size` its PCM bytes."""
+    return (packed, owner, key, size)
+
+
+def expire_entry(key: str, seconds: int, owner: CommandOwner | None = None) -> Entry:
+    """`EXPIRE key seconds`, packed once: a session re-queues the same entry to refresh its TTL."""
     packed = b"*3\r\n$6\r\nEXPIRE\r\n" + bulk(key.encode()) + bulk(b"%d" % seconds)
-    return Command(key, {}, owner, packed=packed)
+    return (packed, owner, key, NOT_XADD)
 
 
-@dataclass
 class BatcherStats:
     """Counters a benchmark or test reads to prove batching works (round trips << frames)."""
 
-    flushes: int = 0  # pipeline executions = Redis round trips
-    commands: int = 0  # XADDs stored
-    expires: int = 0  # audio TTLs set or refreshed (EXPIRE, in the same pipelines)
-    frames: int = 0  # audio frames stored
-    bytes: int = 0  # audio payload stored
-    max_batch: int = 0  # most commands in one pipeline
-    errors: int = 0  # flushes that failed (connection) or commands Redis refused
-    retries: int = 0  # flushes re-attempted after a connection failure
-    backpressure_waits: int = 0  # sends that had to wait because Redis fell behind (over the limit)
+    __slots__ = (
+        "backpressure_waits",
+        "bytes",
+        "commands",
+        "errors",
+        "expires",
+        "flushes",
+        "frames",
+        "max_batch",
+        "queue_full",
+        "retries",
+    )
+
+    def __init__(self) -> None:
+        self.flushes = 0  # pipeline executions = Redis round trips
+        self.commands = 0  # XADDs stored
+        self.expires = 0  # audio TTLs set or refreshed (EXPIRE, in the same pipelines)
+        self.frames = 0  # audio frames stored
+        self.bytes = 0  # audio payload stored
+        self.max_batch = 0  # most commands in one pipeline
+        self.errors = 0  # failed flushes or connects, and commands Redis refused
+        self.retries = 0  # flushes or connects re-attempted after a connection failure
+        self.backpressure_waits = 0  # send(wait=False) calls that waited: over max_pending_frames
+        self.queue_full = 0  # send_nowait calls refused (QueueFull): over max_pending_frames
+
+    def __repr__(self) -> str:
+        return "BatcherStats(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
 
 
-@dataclass
-class _Flush:
-    """Commands waiting for the same pipeline and the future their senders await."""
+class _Batch:
+    """Commands sent (or to be sent) as one pipeline, and the future their waiters share."""
 
-    commands: list[Command] = field(default_factory=list)
-    frames: int = 0
-    done: asyncio.Future[None] | None = None
+    __slots__ = ("bytes", "done", "entries", "expires", "frames")
+
+    def __init__(self, entries: list[Entry] | None = None) -> None:
+        self.entries: list[Entry] = entries if entries is not None else []
+        self.frames = 0
+        self.bytes = 0
+        self.expires = 0
+        self.done: asyncio.Future[None] | None = None
+        if entries:
+            self._count(entries, 1)
+
+    def _count(self, entries: list[Entry], sign: int) -> None:
+        for entry in entries:
+            size = entry[3]
+            if size > 0:
+                self.frames += sign
+                self.bytes += sign * size
+            elif size < 0:
+                self.expires += sign
+
+    def add(self, entry: Entry) -> None:
+        self.entries.append(entry)
+        size = entry[3]
+        if size > 0:
+            self.frames += 1
+            self.bytes += size
+        elif size < 0:
+            self.expires += 1
+
+    def prepend(self, entries: list[Entry]) -> None:
+        """Back to the front: newer commands of the same sessions must stay behind these."""
+        self.entries[:0] = entries
+        self._count(entries, 1)
+
+    def split(self, n: int) -> _Batch:
+        """Remove and return the first n entries as a batch of their own (no future: whoever
+        waits for this batch also waits for its tail, which is sent after it)."""
+        head = _Batch(self.entries[:n])
+        del self.entries[:n]
+        self._count(head.entries, -1)
+        return head
+
+    def future(self) -> asyncio.Future[None]:
+        if self.done is None:
+            self.done = _shared_future()
+        return self.done
+
+    def adopt(self, fut: asyncio.Future[None]) -> None:
+        """Whoever waits on `fut` (a batch whose commands moved into this one) now waits for this
+        batch: `fut` gets this batch's outcome."""
+        if self.done is None:
+            self.done = fut
+        elif fut is not self.done:
+            self.done.add_done_callback(lambda done: _copy_outcome(done, fut))
+
+    def resolve(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """Fail whoever waits; later waiters get a fresh future (the commands may stay queued)."""
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(exc)
+        self.done = None
 
 
 class Batcher:
-    """Queue of XADDs for one Redis client, drained by one flusher task (started lazily).
+    """The process-wide queue of commands for one Redis client, and its sending.
 
     A flush starts as soon as the event loop is free, but at most once per `flush_interval`
-    (measured from the start of the previous flush). Sessions whose frames became ready in the
-    same loop iteration share a pipeline, and frames that arrive while a pipeline is in flight or
-    within the interval go in the next one. An idle producer therefore adds no latency to a lone
-    frame, and a busy one caps its round trips at 1/flush_interval per second. `flush_interval` 0
-    removes the cap (flush whenever the loop is free).
+    (measured from the start of the previous flush), and only after the previous pipeline's
+    replies are in. Sessions whose frames became ready in the same loop iteration share a
+    pipeline, and frames that arrive while a pipeline is in flight or within the interval go in
+    the next one. An idle producer therefore adds no latency to a lone frame, and a busy one caps
+    its round trips at 1/flush_interval per second. `flush_interval` 0 removes the cap (flush
+    whenever the loop is free).
 
-    Why the default is 2 ms (measured, 200 real-time sessions with start times spread over the
-    20 ms frame period, 2-core machine, redis-py 8.1 + hiredis): interval 0 sent ~2 frames per
-    round trip at ~75-85 us CPU per frame; 2 ms sent 25-50 per round trip at ~30 us per frame
-    (send latency p50 2 ms, p99 4 ms), for at most 2 ms of added latency on a 20 ms frame.
+    Why the default is 5 ms (measured with `make bench`, real-time sessions with start times
+    spread over the 20 ms frame period, 2-core VM, redis-py 8.1 + hiredis): a round trip costs
+    the producer a socket write, a wakeup for the replies and a read, tens of microseconds on a
+    VM, whatever it carries. Interval 0 sent ~2 frames per round trip (~75-85 us CPU per frame
+    with the old task-based sender); 2 ms sent ~5 per round trip at 50 sessions, 5 ms ~12 (and
+    ~50 at 200 sessions), which took the producer's CPU per frame net of the backend's own pacing
+    from 0.35-0.60 to ~0.26 of the direct pattern's at 50 sessions (noisy machine, BENCHMARKS.md).
+    The price is latency: at most 5 ms more per frame, 2-3 ms more frame lag p99 end to end
+    (the worker reads every 10 ms anyway). Latency-bound deployments with few sessions per
+    process can pass a smaller `flush_interval`.
     """
 
     def __init__(
@@ -150,172 +270,586 @@ class Batcher:
         self.max_batch = max_batch
         self.max_pending_frames = max_pending_frames
         self.stats = BatcherStats()
+        # Frames queued or written but not yet acknowledged: what backpressure bounds. Read-only.
+        self.outstanding_frames = 0
+        self.last_error: BaseException | None = None  # of the last failed flush or connect
         self._backoff = retry_backoff or ExponentialBackoff(cap=5.0, base=0.05)
-        self._pending = _Flush()
-        self._inflight: asyncio.Future[None] | None = None
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._pending = _Batch()
+        self._idle = True  # nothing scheduled: the next queued command arranges a flush
+        self._purge = False  # a session failed: drop its queued commands before the next flush
         self._closed = False
-        self._failures = 0
-        self._last_flush = float("-inf")
-        self._node_conns: dict[str, Any] = {}  # Redis Cluster: node name -> our own connection
+        self._failures = 0  # consecutive failed flushes or connects (backoff)
+        self._engine: _WireEngine | _TaskEngine | None = _TaskEngine(self) if is_cluster(redis) else None
+
+    @property
+    def engine(self) -> str:
+        """How flushes are sent: "wire" (one Redis, callbacks on its socket), "task" (Redis Cluster,
+        or a connection that could not be taken over), or "" before the first flush."""
+        return self._engine.name if self._engine is not None else ""
 
     @property
     def pending_frames(self) -> int:
+        """Frames queued and not written yet."""
         return self._pending.frames
-
-    def submit(self, commands: list[Command]) -> asyncio.Future[None]:
-        """Queue commands; return the future of the flush that will carry them.
-
-        Await it through `asyncio.shield` (see `wait`): it is shared by every sender of the flush.
-        """
-        if self._closed:
-            raise ProducerError("the producer is closed")
-        self._start()
-        pending = self._pending
-        pending.commands.extend(commands)
-        pending.frames += sum(c.frames for c in commands)
-        if pending.done is None:
-            pending.done = _shared_future()
-        assert self._wake is not None
-        self._wake.set()
-        return pending.done
 
     @property
     def over_limit(self) -> bool:
         """True when senders should wait for their flush even if they asked not to (backpressure)."""
-        return self._pending.frames >= self.max_pending_frames
+        return self.outstanding_frames >= self.max_pending_frames
+
+    def room(self, frames: int) -> bool:
+        """Whether `frames` more frames fit under `max_pending_frames`."""
+        return self.outstanding_frames + frames <= self.max_pending_frames
+
+    def queue_full(self, frames: int) -> QueueFull:
+        """The error `send_nowait` raises when `frames` do not fit, counted in the stats."""
+        self.stats.queue_full += 1
+        cause = f"; last error: {self.last_error}" if self.last_error is not None else ""
+        return QueueFull(
+            f"{self.outstanding_frames} frames wait for Redis, {frames} more would pass max_pending_frames="
+            f"{self.max_pending_frames}{cause}",
+            outstanding=self.outstanding_frames,
+            limit=self.max_pending_frames,
+            last_error=self.last_error,
+        )
+
+    def add_frame(self, packed: bytes, owner: CommandOwner, key: str, size: int) -> None:
+        """Queue one audio frame's packed XADD (the hot path: no await, no future)."""
+        if self._closed:
+            raise ProducerError("the producer is closed")
+        pending = self._pending
+        pending.entries.append((packed, owner, key, size))
+        pending.frames += 1
+        pending.bytes += size
+        self.outstanding_frames += 1
+        if self._idle:
+            self._schedule()
+
+    def add(self, entries: list[Entry]) -> None:
+        """Queue commands, in order."""
+        if self._closed:
+            raise ProducerError("the producer is closed")
+        pending = self._pending
+        for entry in entries:
+            pending.add(entry)
+            if entry[3] > 0:
+                self.outstanding_frames += 1
+        if self._idle and entries:
+            self._schedule()
+
+    def submit(self, entries: list[Entry]) -> asyncio.Future[None]:
+        """Queue commands; return the future of the flush that will carry them.
+
+        Await it through `asyncio.shield` (see `wait`): it is shared by every sender of the flush.
+        """
+        self.add(entries)
+        return self._pending.future()
+
+    def waiter(self) -> asyncio.Future[None] | None:
+        """The future of the flush that carries the last command queued so far (None: nothing
+        is queued or in flight)."""
+        if self._pending.entries:
+            return self._pending.future()
+        if self._engine is not None:
+            return self._engine.inflight_future()
+        return None
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is stored (raises if that flush failed)."""
-        target = self._pending.done or self._inflight
+        target = self.waiter()
         if target is not None:
             await wait(target)
 
     async def aclose(self) -> None:
-        """Flush what is queued, then stop the flusher. Raises if the final flush failed."""
+        """Flush what is queued, then stop sending. Raises if the final flush failed."""
         if self._closed:
             return
         try:
             await self.flush()
         finally:
             self._closed = True
-            if self._task is not None:
-                await cancel_and_wait(self._task)
-            conns, self._node_conns = list(self._node_conns.values()), {}
-            for conn in conns:
-                await conn.disconnect()
+            if self._engine is not None:
+                await self._engine.close()
             lost = self._pending.frames
-            if self._pending.done is not None and not self._pending.done.done():
-                self._pending.done.set_exception(ProducerError(f"producer closed with {lost} frames unsent"))
+            self._pending.fail(ProducerError(f"producer closed with {lost} frames unsent"))
             if lost:
                 log.warning("producer closed with %d frames unsent", lost)
 
-    # ------------------------------------------------------------------------------ flusher
+    # ------------------------------------------------------------------------- shared by engines
 
-    def _start(self) -> None:
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="voxqueue-producer-flusher")
+    def _schedule(self) -> None:
+        """Something was queued while nothing was scheduled: arrange a flush."""
+        self._idle = False
+        if self._engine is None:
+            self._engine = _WireEngine(self)
+        self._engine.schedule()
+
+    def _take(self) -> _Batch | None:
+        """The next batch to send (at most max_batch commands), or None if nothing is queued."""
+        if self._purge:
+            self._drop_failed()
+        pending = self._pending
+        if not pending.entries:
+            pending.resolve()
+            return None
+        if len(pending.entries) <= self.max_batch:
+            self._pending = _Batch()
+            return pending
+        return pending.split(self.max_batch)
+
+    def _drop_failed(self) -> None:
+        """Drop the queued commands of sessions that failed (Redis refused one of theirs)."""
+        self._purge = False
+        pending = self._pending
+        keep = [e for e in pending.entries if e[1] is None or e[1].failure is None]
+        if len(keep) == len(pending.entries):
+            return
+        dropped = _Batch([e for e in pending.entries if not (e[1] is None or e[1].failure is None)])
+        self.outstanding_frames -= dropped.frames
+        pending.entries = []
+        pending.frames = pending.bytes = pending.expires = 0
+        for entry in keep:
+            pending.add(entry)
+
+    def _account(self, batch: _Batch) -> None:
+        """Stats of a batch whose replies all came in, none of them refused."""
+        stats = self.stats
+        stats.flushes += 1
+        stats.commands += len(batch.entries) - batch.expires
+        stats.expires += batch.expires
+        stats.frames += batch.frames
+        stats.bytes += batch.bytes
+        if len(batch.entries) > stats.max_batch:
+            stats.max_batch = len(batch.entries)
+
+    def _account_replies(self, entries: list[Entry], replies: list[object]) -> None:
+        """Stats and outstanding frames of commands whose replies came in, one by one (any of
+        them may be refused)."""
+        stats = self.stats
+        for entry, reply in zip(entries, replies, strict=True):
+            size = entry[3]
+            if size > 0:
+                self.outstanding_frames -= 1
+            if isinstance(reply, Exception):
+                self._refused(entry, reply)
+                continue
+            if size < 0:
+                stats.expires += 1
+                continue
+            stats.commands += 1
+            if size > 0:
+                stats.frames += 1
+                stats.bytes += size
+
+    def _refused(self, entry: Entry, reply: Exception) -> None:
+        self.stats.errors += 1
+        _, owner, key, size = entry
+        what = "EXPIRE of" if size < 0 else "XADD to"
+        log.error("Redis refused %s %s: %s", what, key, reply)
+        if owner is not None and owner.failure is None:
+            owner.fail(SessionFailed(f"Redis refused {what} {key}: {reply}"))
+        self._purge = True
+
+    def _requeue(self, entries: list[Entry]) -> None:
+        """Unacknowledged commands back to the front of the queue (still outstanding)."""
+        self._pending.prepend(entries)
+
+    def _connection_failed(self, exc: BaseException, waiting: list[_Batch], *, tell: bool = True) -> None:
+        """A flush or connect failed for want of Redis: everything stays queued. Whoever waits
+        hears about it, unless `tell` is False: then the waiters of `waiting` wait on for the
+        commands that were re-queued (a connection dropped once, the next one may well work)."""
+        self.stats.errors += 1
+        self._failures += 1
+        self.last_error = exc
+        queued = len(self._pending.entries)
+        log.warning("Redis unreachable, %d commands queued for retry: %s", queued, exc)
+        if not tell:
+            for batch in waiting:
+                if batch.done is not None:
+                    self._pending.adopt(batch.done)
+            return
+        error = ProducerConnectionError(
+            f"Redis unreachable ({exc}); {queued} commands stay queued and are retried"
+        )
+        for batch in [*waiting, self._pending]:
+            batch.fail(error)
+
+    def _broken(self, exc: BaseException, batches: list[_Batch]) -> None:
+        """A bug or an unexpected reply: fail the sessions of these commands and their waiters
+        rather than hang them; the commands are dropped."""
+        self.stats.errors += 1
+        self.last_error = exc
+        log.error("producer flush failed unexpectedly", exc_info=exc)
+        error = ProducerError(f"flush failed: {exc!r}")
+        for batch in batches:
+            for entry in batch.entries:
+                owner = entry[1]
+                if owner is not None and owner.failure is None:
+                    owner.fail(exc)
+            # Clamped: commands of the batch that were stored before the failure were counted off.
+            self.outstanding_frames = max(0, self.outstanding_frames - batch.frames)
+            batch.fail(error)
+
+
+class _WireEngine(asyncio.Protocol):
+    """One Redis: the socket of one redis-py connection, driven by callbacks.
+
+    States: not connected (a connect task runs while something is queued), connected and idle,
+    a flush timer armed, or one pipeline in flight (its replies counted as `data_received` parses
+    them). A new pipeline is written only once the previous one's replies are all in.
+    """
+
+    name = "wire"
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.b = batcher
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.reader = _reader()
+        self.inflight: _Batch | None = None
+        self.replies = 0  # of the in-flight batch, handled so far
+        self.refused: list[tuple[int, Exception]] | None = None  # in the in-flight batch
+        self.timer: asyncio.Handle | None = None
+        self.overdue: asyncio.TimerHandle | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.last_flush = float("-inf")
+        self.reply_timeout: float | None = None
+        # The redis-py connection whose socket we drive and its StreamWriter: referenced as long as
+        # the socket is in use (the writer closes it when collected).
+        self._conn: Any = None
+
+    def inflight_future(self) -> asyncio.Future[None] | None:
+        return self.inflight.future() if self.inflight is not None else None
+
+    def schedule(self) -> None:
+        if self.transport is None:
+            if self.connecting is None:
+                self.connecting = self.loop.create_task(self._connect(), name="voxqueue-producer-connect")
+            return
+        if self.inflight is not None or self.timer is not None:
+            return  # the reply handler or the timer schedules the next flush
+        delay = self.last_flush + self.b.flush_interval - self.loop.time()
+        # call_soon even with no delay: every session that became ready in this loop iteration
+        # adds its frames first.
+        self.timer = self.loop.call_later(delay, self.flush) if delay > 0 else self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the queued commands as one pipeline (a timer callback)."""
+        self.timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # connection_lost reconnects
+        b = self.b
+        batch = b._take()
+        if batch is None:
+            b._idle = True
+            return
+        self.inflight, self.replies, self.refused = batch, 0, None
+        self.last_flush = self.loop.time()
+        transport.write(b"".join([entry[0] for entry in batch.entries]))
+        if self.reply_timeout is not None:
+            self.overdue = self.loop.call_later(self.reply_timeout, self._overdue, batch)
+
+    # -------------------------------------------------------------------- asyncio.Protocol
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        batch = self.inflight
+        if batch is None:
+            self._abort("a reply with no command in flight")
+            return
+        entries = batch.entries
+        total = len(entries)
+        n = self.replies
+        try:
+            while n < total:
+                reply = reader.gets()
+                if reply is _NOT_ENOUGH:
+                    break
+                if isinstance(reply, Exception):
+                    if self.refused is None:
+                        self.refused = []
+                    self.refused.append((n, reply))
+                n += 1
+            if n == total and reader.gets() is not _NOT_ENOUGH:
+                self.replies = n
+                self._abort("more replies than commands")
+                return
+        except hiredis.ProtocolError as exc:
+            self.replies = n
+            self._abort(f"unreadable reply: {exc}")
+            return
+        self.replies = n
+        if n == total:
+            self._completed(batch)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        b = self.b
+        self.transport = None
+        self._conn = None
+        self.reader = _reader()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.overdue is not None:
+            self.overdue.cancel()
+            self.overdue = None
+        batch, self.inflight = self.inflight, None
+        if b._closed:
+            return
+        if batch is not None:
+            # The first `replies` commands were handled (stored or refused); the rest may or may
+            # not be stored, so they are sent again (a repeated frame is dropped by the worker).
+            handled, rest = batch.entries[: self.replies], batch.entries[self.replies :]
+            self._account_handled(handled)
+            if not rest:  # every reply was in: dropped after (an unreadable extra reply)
+                batch.resolve()
+            else:
+                b._requeue(rest)
+                # A first loss is not reported to whoever waits: the commands go out again on the
+                # next connection, and a waiter hears of it only if that fails too.
+                b._connection_failed(
+                    exc or RedisConnectionError("connection closed by Redis"), [batch], tell=b._failures > 0
+                )
+        elif b._pending.entries:
+            # Lost before the queued commands went out: reconnect after a backoff too, so a
+            # server that accepts connections and drops them cannot make this a busy loop.
+            b._failures += 1
+        if b._pending.entries:
+            self.schedule()  # reconnects
+        else:
+            b._idle = True
+
+    # -------------------------------------------------------------------- internals
+
+    def _completed(self, batch: _Batch) -> None:
+        b = self.b
+        self.inflight = None
+        if self.overdue is not None:
+            self.overdue.cancel()
+            self.overdue = None
+        b._failures = 0
+        if self.refused is None:
+            b._account(batch)
+            b.outstanding_frames -= batch.frames
+        else:
+            self._account_handled(batch.entries)
+        batch.resolve()
+        if b._pending.entries:
+            self.schedule()
+        else:
+            b._idle = True
+
+    def _account_handled(self, entries: list[Entry]) -> None:
+        """Stats of handled commands, reply by reply (some refused, or a partial batch)."""
+        if not entries:
+            return
+        replies: list[object] = [None] * len(entries)
+        for index, error in self.refused or ():
+            if index < len(entries):
+                replies[index] = error
+        self.refused = None
+        stats = self.b.stats
+        stats.flushes += 1
+        stats.max_batch = max(stats.max_batch, len(entries))
+        self.b._account_replies(entries, replies)
+
+    def _abort(self, why: str) -> None:
+        log.error("Redis connection of the producer dropped: %s", why)
+        self.b._failures += 1  # reconnect after a backoff: a server that misbehaves once may again
+        if self.transport is not None:
+            self.transport.abort()  # connection_lost follows: unacknowledged commands are re-sent
+
+    def _overdue(self, batch: _Batch) -> None:
+        self.overdue = None
+        if self.inflight is batch and self.transport is not None:
+            log.warning("no reply from Redis within %.1f s: reconnecting", self.reply_timeout)
+            self.transport.abort()
+
+    async def _connect(self) -> None:
+        b = self.b
+        try:
+            while not b._closed and b._pending.entries:
+                if b._failures:
+                    b.stats.retries += 1
+                    await asyncio.sleep(b._backoff.compute(b._failures))
+                    raise_if_cancelling()
+                try:
+                    conn, transport = await _take_over(b.redis, self)
+                except _CannotTakeOver as exc:
+                    log.info("producer: sending through redis-py (%s)", exc)
+                    engine = _TaskEngine(b)
+                    b._engine = engine
+                    engine.schedule()
+                    return
+                except _CONNECTION_ERRORS as exc:
+                    b._connection_failed(exc, [])
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # e.g. a refused handshake: fail the senders, never hang them
+                    b._failures += 1
+                    dropped, b._pending = b._pending, _Batch()
+                    b._broken(exc, [dropped])
+                    continue
+                if b._closed:
+                    transport.close()
+                    return
+                self._conn, self.transport = conn, transport
+                self.reply_timeout = getattr(conn[0], "socket_timeout", None) or None
+                self.connecting = None
+                self.flush()  # at once: these commands waited for the connection
+                return
+            b._idle = True  # nothing left to send (or closed): the next command connects again
+        finally:
+            self.connecting = None
+
+    async def close(self) -> None:
+        if self.connecting is not None:
+            await cancel_and_wait(self.connecting)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+        if self.inflight is not None:
+            self.inflight.fail(ProducerError("producer closed before Redis acknowledged a flush"))
+            self.inflight = None
+
+
+class _CannotTakeOver(Exception):
+    """The client's connections are not plain asyncio streams: use redis-py to send."""
+
+
+async def _take_over(client: aioredis.Redis, protocol: asyncio.Protocol) -> tuple[Any, asyncio.Transport]:
+    """A new connection of the client's pool settings (redis-py connects, authenticates, selects
+    the database), whose socket `protocol` then reads and writes instead of redis-py.
+
+    The connection object is kept out of the pool and stripped of its streams, so neither the pool
+    nor its finaliser closes the socket underneath us."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:
+        raise _CannotTakeOver("the client has no connection pool")
+    conn = pool.make_connection()  # not taken from the pool: this one is ours for good
+    await conn.connect()
+    writer = getattr(conn, "_writer", None)
+    transport = getattr(writer, "transport", None)
+    if transport is None or not hasattr(transport, "set_protocol"):
+        await conn.disconnect()
+        raise _CannotTakeOver(f"{type(conn).__name__} has no asyncio stream")
+    transport.set_protocol(protocol)
+    # Ours now: redis-py must not read it or close it. The StreamWriter closes its transport when
+    # it is garbage-collected, so the caller keeps it referenced as long as it uses the socket.
+    conn._reader = conn._writer = None
+    return (conn, writer), transport
+
+
+class _TaskEngine:
+    """Redis Cluster (one hand-packed pipeline per node), or a connection that could not be taken
+    over: a flusher task sends what is queued and awaits the replies through redis-py."""
+
+    name = "task"
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.b = batcher
+        self.wake: asyncio.Event | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.inflight: _Batch | None = None
+        self.last_flush = float("-inf")
+        self.node_conns: dict[str, Any] = {}  # Redis Cluster: node name -> our own connection
+
+    def inflight_future(self) -> asyncio.Future[None] | None:
+        return self.inflight.future() if self.inflight is not None else None
+
+    def schedule(self) -> None:
+        if self.task is None or self.task.done():
+            self.wake = asyncio.Event()
+            self.task = asyncio.get_running_loop().create_task(self._run(), name="voxqueue-producer-flusher")
+        assert self.wake is not None
+        self.wake.set()
+
+    async def close(self) -> None:
+        if self.task is not None:
+            await cancel_and_wait(self.task)
+        conns, self.node_conns = list(self.node_conns.values()), {}
+        for conn in conns:
+            await conn.disconnect()
 
     async def _run(self) -> None:
-        assert self._wake is not None
+        assert self.wake is not None
+        b = self.b
         while True:
             raise_if_cancelling()
-            await self._wake.wait()
-            self._wake.clear()
+            await self.wake.wait()
+            self.wake.clear()
+            b._idle = True  # from now on a queued command sets the event again
             # Yield at least once, so every session that became ready in this loop iteration adds
             # its frames first; when the last flush was less than an interval ago, wait out the
             # rest of it to collect more frames per round trip.
             loop = asyncio.get_running_loop()
-            await asyncio.sleep(max(0.0, self._last_flush + self.flush_interval - loop.time()))
-            self._last_flush = loop.time()
-            if not self._pending.commands:
-                self._resolve(self._pending)
+            await asyncio.sleep(max(0.0, self.last_flush + b.flush_interval - loop.time()))
+            self.last_flush = loop.time()
+            batch = b._take()
+            if batch is None:
                 continue
-            if await self._flush_once():
-                self._failures = 0
+            if await self._flush_once(batch):
+                b._failures = 0
+                if b._pending.entries:  # more than max_batch were queued: the rest next
+                    self.wake.set()
             else:
-                self._failures += 1
-                self.stats.retries += 1
-                await asyncio.sleep(self._backoff.compute(self._failures))
-                self._wake.set()
+                b.stats.retries += 1
+                await asyncio.sleep(b._backoff.compute(b._failures))
+                self.wake.set()
 
-    async def _flush_once(self) -> bool:
-        """Send everything queued. False if Redis was unreachable (commands re-queued)."""
-        batch, self._pending = self._pending, _Flush()
-        self._inflight = batch.done
-        commands = [c for c in batch.commands if c.owner is None or c.owner.failure is None]
+    async def _flush_once(self, batch: _Batch) -> bool:
+        """Send one batch. False if Redis was unreachable (commands re-queued)."""
+        b = self.b
+        self.inflight = batch
         try:
-            sent = 0
-            while sent < len(commands):
-                chunk = commands[sent : sent + self.max_batch]
-                await self._send(chunk)
-                sent += len(chunk)
+            await self._send(batch.entries)
         except _CONNECTION_ERRORS as exc:
-            self.stats.errors += 1
-            # A cluster flush that failed on some nodes only: their commands, then the unsent ones
-            # (the other nodes' commands of that chunk are stored).
-            rest = exc.commands + commands[sent + exc.sent :] if isinstance(exc, _Unsent) else commands[sent:]
-            # Back to the front: newer commands of the same sessions must stay behind these.
-            self._pending.commands[:0] = rest
-            self._pending.frames += sum(c.frames for c in rest)
-            if rest and self._pending.done is None:
-                self._pending.done = _shared_future()
-            log.warning(
-                "Redis unreachable, %d commands queued for retry: %s", len(self._pending.commands), exc
-            )
-            self._fail(
-                batch,
-                ProducerConnectionError(
-                    f"Redis unreachable ({exc}); {len(rest)} commands stay queued and are retried"
-                ),
-            )
+            # A cluster flush that failed on some nodes only: their commands go back (the other
+            # nodes' commands are stored).
+            b._requeue(exc.entries if isinstance(exc, _Unsent) else batch.entries)
+            b._connection_failed(exc, [batch])
             return False
         except Exception as exc:  # a bug or unexpected reply: fail the senders, never hang them
-            self.stats.errors += 1
-            log.exception("producer flush failed unexpectedly")
-            for command in commands[sent:]:
-                if command.owner is not None:
-                    command.owner.fail(exc)
-            self._fail(batch, ProducerError(f"flush failed: {exc!r}"))
+            b._broken(exc, [batch])
             return True
         finally:
-            self._inflight = None
-        self._resolve(batch)
+            self.inflight = None
+        batch.resolve()
         return True
 
-    async def _send(self, commands: list[Command]) -> None:
-        """One write with every XADD, then their replies in order: a hand-built pipeline.
-
-        redis-py's Pipeline costs about 15 µs per command in argument packing, per-reply timeout
-        contexts and callbacks, more than everything else the producer does per frame; an XADD of
-        a frame has a fixed shape, so it is packed straight into RESP here (see pack_xadd).
-        """
-        if is_cluster(self.redis):
-            await self._send_cluster(commands)
+    async def _send(self, entries: list[Entry]) -> None:
+        """One write with every command, then their replies in order: a hand-built pipeline
+        (redis-py's Pipeline costs about 15 µs per command in argument packing, per-reply timeout
+        contexts and callbacks, more than everything else the producer does per frame)."""
+        if is_cluster(self.b.redis):
+            await self._send_cluster(entries)
             return
-        pool = self.redis.connection_pool
+        pool = self.b.redis.connection_pool
         conn = await pool.get_connection()
         try:
-            replies = await _pipeline(conn, commands)
+            replies = await _pipeline(conn, entries)
         finally:
             await pool.release(conn)
-        self.stats.flushes += 1
-        self._account(commands, replies)
+        self._handled(entries, replies)
 
-    async def _send_cluster(self, commands: list[Command]) -> None:
+    async def _send_cluster(self, entries: list[Entry]) -> None:
         """Redis Cluster: one hand-packed pipeline per node, all nodes at once, each with the
         commands whose keys that node serves, in submission order (a partition is one slot, so
         a session's entry and frames all go to one node, in order). Commands that a node
         redirected (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) or that went to an unreachable node are
         sent again after a slot-map refresh, a few times; then `_Unsent` re-queues them."""
-        todo = commands
+        todo = entries
         failure: BaseException | None = None
         for attempt in range(CLUSTER_ATTEMPTS):
             try:
-                cluster = await ready(self.redis)
-                by_node = group_by_node(cluster, todo, lambda c: c.key)
+                cluster = await ready(self.b.redis)
+                by_node = group_by_node(cluster, todo, lambda e: e[2])
             except (RedisClusterException, *_CONNECTION_ERRORS) as exc:  # no slot map (yet)
                 failure = exc
                 await asyncio.sleep(0.05 * (attempt + 1))
@@ -323,7 +857,7 @@ class Batcher:
             results = await asyncio.gather(
                 *(self._send_node(node, cmds) for node, cmds in by_node.items()), return_exceptions=True
             )
-            retry: list[Command] = []
+            retry: list[Entry] = []
             for cmds, result in zip(by_node.values(), results, strict=True):
                 if isinstance(result, BaseException):
                     if not isinstance(result, _CONNECTION_ERRORS):
@@ -335,53 +869,31 @@ class Batcher:
             if not retry:
                 return
             # Back in submission order: a retried command must not overtake an older one.
-            position = {id(c): i for i, c in enumerate(todo)}
-            todo = sorted(retry, key=lambda c: position[id(c)])
+            position = {id(e): i for i, e in enumerate(todo)}
+            todo = sorted(retry, key=lambda e: position[id(e)])
             await refresh(cluster)
             if attempt + 1 < CLUSTER_ATTEMPTS:
                 await asyncio.sleep(0.05 * (attempt + 1))
-        raise _Unsent(todo, len(commands), failure)
+        raise _Unsent(todo, failure)
 
-    async def _send_node(self, node: ClusterNode, commands: list[Command]) -> list[Command]:
+    async def _send_node(self, node: ClusterNode, entries: list[Entry]) -> list[Entry]:
         """One pipeline to one cluster node; returns the commands it redirected."""
-        conn = self._node_conns.pop(node.name, None) or private_connection(node)
-        replies = await _pipeline(conn, commands)  # disconnects it on any failure
-        self._node_conns[node.name] = conn
-        self.stats.flushes += 1
-        redirected = [c for c, r in zip(commands, replies, strict=True) if isinstance(r, REDIRECTS)]
+        conn = self.node_conns.pop(node.name, None) or private_connection(node)
+        replies = await _pipeline(conn, entries)  # disconnects it on any failure
+        self.node_conns[node.name] = conn
+        redirected = [e for e, r in zip(entries, replies, strict=True) if isinstance(r, REDIRECTS)]
         if redirected:
-            done = [(c, r) for c, r in zip(commands, replies, strict=True) if not isinstance(r, REDIRECTS)]
-            self._account([c for c, _ in done], [r for _, r in done])
+            done = [(e, r) for e, r in zip(entries, replies, strict=True) if not isinstance(r, REDIRECTS)]
+            self._handled([e for e, _ in done], [r for _, r in done])
         else:
-            self._account(commands, replies)
+            self._handled(entries, replies)
         return redirected
 
-    def _account(self, commands: list[Command], replies: list[object]) -> None:
-        self.stats.max_batch = max(self.stats.max_batch, len(commands))
-        for command, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, Exception):
-                self.stats.errors += 1
-                what = "EXPIRE of" if command.packed else "XADD to"
-                log.error("Redis refused %s %s: %s", what, command.key, reply)
-                if command.owner is not None and command.owner.failure is None:
-                    command.owner.fail(SessionFailed(f"Redis refused {what} {command.key}: {reply}"))
-                continue
-            if command.packed:
-                self.stats.expires += 1
-                continue
-            self.stats.commands += 1
-            self.stats.frames += command.frames
-            self.stats.bytes += command.size
-
-    @staticmethod
-    def _resolve(batch: _Flush) -> None:
-        if batch.done is not None and not batch.done.done():
-            batch.done.set_result(None)
-
-    @staticmethod
-    def _fail(batch: _Flush, exc: BaseException) -> None:
-        if batch.done is not None and not batch.done.done():
-            batch.done.set_exception(exc)
+    def _handled(self, entries: list[Entry], replies: list[object]) -> None:
+        stats = self.b.stats
+        stats.flushes += 1
+        stats.max_batch = max(stats.max_batch, len(entries))
+        self.b._account_replies(entries, replies)
 
 
 CLUSTER_ATTEMPTS = 4  # sends of a cluster flush's redirected commands before re-queueing them
@@ -389,23 +901,22 @@ CLUSTER_ATTEMPTS = 4  # sends of a cluster flush's redirected commands before re
 
 class _Unsent(RedisConnectionError):
     """Part of a cluster flush could not be stored (nodes unreachable or slots moving): these
-    commands, in order, go back to the front of the queue; `sent` commands of the chunk were
-    handled (stored, or refused for their session)."""
+    commands, in order, go back to the front of the queue; the others were handled (stored, or
+    refused for their session)."""
 
-    def __init__(self, commands: list[Command], sent: int, cause: BaseException | None) -> None:
-        super().__init__(f"{len(commands)} commands not stored yet: {cause or 'slots moving'}")
-        self.commands = commands
-        self.sent = sent
+    def __init__(self, entries: list[Entry], cause: BaseException | None) -> None:
+        super().__init__(f"{len(entries)} commands not stored yet: {cause or 'slots moving'}")
+        self.entries = entries
 
 
-async def _pipeline(conn: Any, commands: list[Command]) -> list[object]:
+async def _pipeline(conn: Any, entries: list[Entry]) -> list[object]:
     """One write with every command, then their replies in order (a refused command's reply is its
     exception). A connection that may hold unread replies is disconnected, never reused."""
-    payload = b"".join([c.packed or pack_xadd(c.key, c.fields) for c in commands])
+    payload = b"".join([e[0] for e in entries])
     replies: list[object] = []
     try:
         await conn.send_packed_command(payload, check_health=False)
-        for _ in commands:
+        for _ in entries:
             try:
                 replies.append(await conn.read_response(disable_decoding=True))
             except ResponseError as exc:  # this command only: the rest of the replies follow
@@ -414,6 +925,24 @@ async def _pipeline(conn: Any, commands: list[Command]) -> list[object]:
         await conn.disconnect()
         raise
     return replies
+
+
+_NOT_ENOUGH = object()  # hiredis: no complete reply buffered yet
+
+
+def _reader() -> hiredis.Reader:
+    return hiredis.Reader(replyError=ResponseError, notEnoughData=_NOT_ENOUGH)
+
+
+def _copy_outcome(source: asyncio.Future[None], target: asyncio.Future[None]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(None)
 
 
 def _shared_future() -> asyncio.Future[None]:

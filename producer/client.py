@@ -2,7 +2,8 @@
 
     async with Producer("redis://...") as producer:
         session = await producer.open_session(options={"model": "nova-3"})
-        await session.send(pcm)          # any length; re-chunked into 640-byte frames
+        session.send_nowait(pcm)         # any length, re-chunked into 640-byte frames; no await
+        await session.send(pcm)          # the same, returning once Redis stored it
         await session.end()              # padded remainder + end marker
         async for event in session.events():
             ...
@@ -10,35 +11,46 @@
 Batching design (measured in BENCHMARKS.md). The Redis hop is only cheap when it is batched: a process with
 200 live sessions that awaits one XADD round trip per frame per session spends 2.7x the CPU of
 talking to Deepgram directly and falls behind real time. So a `ProducerSession` never sends
-anything itself. `send()` cuts the audio into frames (`FrameChunker`), assigns their seq numbers
-and appends one XADD per frame to the process-wide `Batcher` queue. A single flusher task sends
-everything queued as ONE non-transactional pipeline as soon as the event loop is free, but at
-most once per `flush_interval` (2 ms by default): all sessions whose frames became ready in the
-meantime share one round trip, and frames that arrive while a pipeline is in flight ride in the
-next one. An idle producer sends a lone frame at once; a busy one trades at most 2 ms of latency
-for 25-50 frames per round trip (measured with 200 real-time sessions: ~30 us CPU per frame,
-against ~75-85 us when flushing whenever the loop is free). `producer.stats` counts round trips
-(`flushes`) against `frames` so tests and benchmarks can check the ratio.
+anything itself. It cuts the audio into frames (`FrameChunker`), assigns their seq numbers, packs
+each frame's XADD straight into RESP and appends it to the process-wide `Batcher` queue, which
+sends everything queued as ONE pipeline as soon as the event loop is free, but at most once per
+`flush_interval` (5 ms by default): all sessions whose frames became ready in the meantime share
+one round trip, and frames that arrive while a pipeline is in flight ride in the next one. An idle
+producer sends a lone frame at once; a busy one trades at most 5 ms of latency for tens of frames
+per round trip. `producer.stats` counts round trips (`flushes`) against `frames` so tests and
+benchmarks can check the ratio.
 
-`send(wait=True)` (the default) returns once the flush carrying its frames is stored, so errors and
-backpressure reach the caller; `wait=False` only queues, and still waits when the queue holds more
-than `max_pending_frames` (so a producer faster than Redis cannot grow memory without bound).
+Three ways to hand over audio, the same frames on the wire:
 
-Ordering: one flusher, one pipeline at a time, commands in submission order. Hence the session's
+* `send_nowait(pcm)`: queues synchronously and returns the number of frames queued; no await, no
+  task switch. For a backend that produces a frame every 20 ms per call this is the cheapest way
+  (the benchmark's pipeline load uses it). Backpressure is an exception, `QueueFull`, raised when
+  more than `max_pending_frames` frames wait for Redis; nothing of that call is queued. An
+  exception rather than a False return because dropping audio must be a decision the caller makes,
+  not a result it can ignore by accident. Errors of earlier flushes surface as exceptions of the
+  next call: `SessionFailed` once Redis refused one of the session's commands, and `QueueFull`
+  (with the connection error as `last_error`) when an outage lasts long enough to fill the queue.
+* `await send(pcm)` (the default `wait=True`) returns once the flush carrying its frames is
+  stored, so every error reaches the caller at once.
+* `await send(pcm, wait=False)` only queues, but waits for its flush when more than
+  `max_pending_frames` frames wait (instead of raising), counted as a backpressure wait.
+
+Ordering: one queue, one pipeline at a time, commands in submission order. Hence the session's
 `sessions` entry (queued by `open_session`) is stored before its first frame, as the worker
-requires, and frames are stored in seq order.
+requires, frames are stored in seq order whichever way they were handed over, and the end marker
+after the last frame. `end()` and `Producer.aclose()` flush what is queued.
 
-Retries: clients built from a URL retry connection errors with bounded exponential backoff
-(redis-py `Retry`), and the flusher keeps unsent commands queued and retries them after that. A
-retried pipeline can store a frame (or the session entry) twice; the worker drops frames whose seq
-it has already seen. Audio streams are never trimmed here (no MAXLEN): the worker needs every
-unacknowledged frame, and it applies the retention TTL when the session ends.
+Retries: the batcher keeps commands that were not acknowledged queued across a lost connection and
+sends them again once it reconnects (bounded exponential backoff). A retried pipeline can store a
+frame (or the session entry) twice; the worker drops frames whose seq it has already seen. Audio
+streams are never trimmed here (no MAXLEN): the worker needs every unacknowledged frame, and it
+applies the retention TTL when the session ends.
 
 Audio TTL: a session's audio stream must expire even if no worker ever ends the session (Redis lost
 it in an empty restart or an eviction, or no worker ran). So a session's first frames carry an
 `EXPIRE audio audio_ttl` in the same pipeline, refreshed with later frames at most once per
 `AUDIO_TTL_REFRESH_SECONDS` (and with the end marker): one extra command per session every few
-seconds, nothing per frame but a clock read per `send()`. The worker's retention TTL replaces it
+seconds, nothing per frame but a clock read per call. The worker's retention TTL replaces it
 when the session ends.
 """
 
@@ -46,7 +58,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Self
 
 import redis.asyncio as aioredis
@@ -61,18 +73,23 @@ from producer.batcher import (
     DEFAULT_FLUSH_INTERVAL,
     Batcher,
     BatcherStats,
-    Command,
+    Entry,
     ProducerConnectionError,
     ProducerError,
+    QueueFull,
     SessionFailed,
-    expire_command,
+    expire_entry,
     wait,
+    xadd_entry,
 )
 from producer.cluster import cluster_client, split_url
 from producer.options import is_flux, validate_options, validate_thresholds
 from producer.protocol import (
     DEFAULT_NAMESPACE,
+    F_PCM,
+    F_SEQ,
     AudioFormat,
+    Frame,
     Keys,
     SessionKeys,
     SessionStart,
@@ -81,12 +98,14 @@ from producer.protocol import (
     end_fields,
     finalize_fields,
     force_end_turn_fields,
-    frame_fields,
     validate_sid,
 )
 from producer.protocol import DeploymentMismatch as WireDeploymentMismatch
+from producer.resp import bulk
 from producer.secrets import redact_url, url_password
 from producer.transcripts import SessionLost
+
+_monotonic = time.monotonic  # read once per send_nowait: bound here, not looked up each time
 
 __all__ = [
     "DEFAULT_AUDIO_TTL",
@@ -95,6 +114,7 @@ __all__ = [
     "ProducerConnectionError",
     "ProducerError",
     "ProducerSession",
+    "QueueFull",
     "SessionExists",
     "SessionFailed",
     "SessionLost",
@@ -153,6 +173,11 @@ class Producer:
 
     `audio_ttl` (seconds) is the TTL each session's audio stream gets with its first frames and
     keeps while frames arrive (refreshed at most every 5 s, or a third of the TTL if shorter).
+
+    `max_pending_frames` bounds the frames queued or in flight, all sessions together (50,000 =
+    1,000 session-seconds of audio, 32 MB of 16 kHz PCM, by default): past it `send_nowait`
+    raises `QueueFull` and `send(wait=False)` waits. `flush_interval` (seconds) is the least
+    time between two round trips; `max_batch` the most commands in one.
     """
 
     def __init__(
@@ -191,8 +216,15 @@ class Producer:
 
     @property
     def stats(self) -> BatcherStats:
-        """Round trips (`flushes`), `frames`, `commands`, `bytes`, `max_batch`, `errors`."""
+        """Round trips (`flushes`), `frames`, `commands`, `bytes`, `max_batch`, `errors`,
+        `retries`, `backpressure_waits`, `queue_full`."""
         return self._batcher.stats
+
+    @property
+    def outstanding_frames(self) -> int:
+        """Frames queued or sent but not yet acknowledged by Redis (what `max_pending_frames`
+        bounds)."""
+        return self._batcher.outstanding_frames
 
     async def open_session(
         self,
@@ -226,7 +258,8 @@ class Producer:
         await self._check_before_open(self.keys.session(sid) if explicit else None)
         session = ProducerSession(self, self.keys.session(sid), fmt, checked, label_map)
         start = SessionStart(sid=sid, format=fmt, options=checked, labels=label_map)
-        await wait(self._batcher.submit([Command(session.keys.sessions, dict(start.to_fields()), session)]))
+        entry = xadd_entry(session.keys.sessions, dict(start.to_fields()), session)
+        await wait(self._batcher.submit([entry]))
         session.raise_if_failed()
         return session
 
@@ -287,7 +320,8 @@ class Producer:
 
 
 class ProducerSession:
-    """One session's audio. Not a Redis user itself: it hands frames to the producer's batcher."""
+    """One session's audio. Not a Redis user itself: it hands packed commands to the producer's
+    batcher."""
 
     def __init__(
         self,
@@ -306,7 +340,11 @@ class ProducerSession:
         self.ended = False
         self._chunker = FrameChunker(format.frame_bytes, silence=format.silence_byte)
         self._batcher = producer._batcher
-        self._expire = expire_command(keys.audio, producer.audio_ttl, self)
+        self._frame_bytes = format.frame_bytes
+        self._audio_key = keys.audio
+        self._pack = _frame_packer(keys.audio)
+        self._pack_whole = _frame_packer(keys.audio, format.frame_bytes)
+        self._expire = expire_entry(keys.audio, producer.audio_ttl, self)
         self._expire_every = producer.audio_ttl_refresh
         self._expire_due = 0.0  # the first frames set the TTL (the stream exists only then)
 
@@ -326,14 +364,52 @@ class ProducerSession:
         if self.failure is not None:
             raise SessionFailed(f"session {self.sid} failed: {self.failure}") from self.failure
 
+    def send_nowait(self, pcm: bytes | bytearray | memoryview) -> int:
+        """Queue PCM of any length without waiting; return the number of whole frames queued
+        (the remainder of a partial frame waits for more audio, as with `send`).
+
+        Synchronous: the frames join the producer's next pipeline, and nothing here awaits or
+        switches tasks. Raises `QueueFull` when the frames would pass the producer's
+        `max_pending_frames` (queued or not yet acknowledged by Redis), and then queues nothing of
+        this call: retry it, `await send(pcm)` (which waits for room), or drop it. Raises
+        `SessionFailed` once Redis refused one of this session's commands, `ProducerError` after
+        `end()` or once the producer is closed. Frames are stored in seq order with those of
+        `send`/`send_frame`, whichever way each was handed over.
+        """
+        if self.ended or self.failure is not None:
+            self._check_open()
+        batcher = self._batcher
+        chunker = self._chunker
+        if len(pcm) == self._frame_bytes and not chunker.pending_bytes:
+            # One whole frame, the common case: packed and queued with no intermediate objects.
+            if batcher.outstanding_frames >= batcher.max_pending_frames:
+                raise batcher.queue_full(1)
+            seq = chunker.next_seq
+            chunker.next_seq = seq + 1
+            batcher.add_frame(self._pack_whole(seq, pcm), self, self._audio_key, self._frame_bytes)
+            if _monotonic() >= self._expire_due:
+                self._queue_expire()
+            return 1
+        whole = (chunker.pending_bytes + len(pcm)) // self._frame_bytes
+        if not batcher.room(whole):
+            raise batcher.queue_full(whole)
+        entries = self._frame_entries(chunker.push(pcm))
+        if entries:
+            batcher.add(entries)
+            if _monotonic() >= self._expire_due:
+                self._queue_expire()
+        return len(entries)
+
     async def send(self, pcm: bytes | bytearray | memoryview, *, wait: bool = True) -> int:
         """Append PCM of any length; whole frames are queued, the remainder waits for more.
 
-        Returns the number of frames queued. With `wait` (default) returns once they are stored.
+        Returns the number of frames queued. With `wait` (default) returns once they are stored;
+        `wait=False` returns at once unless more than `max_pending_frames` frames wait for Redis,
+        and then waits for its flush (backpressure; `send_nowait` raises instead).
         """
         self._check_open()
         frames = self._chunker.push(pcm)
-        await self._submit([self._frame_command(f.seq, f.pcm) for f in frames], wait)
+        await self._submit(self._frame_entries(frames), wait)
         return len(frames)
 
     async def send_frame(self, frame: bytes, *, wait: bool = True) -> int:
@@ -345,7 +421,7 @@ class ProducerSession:
         if self._chunker.pending_bytes:
             raise ProducerError("send_frame() after a send() that left a partial frame would misalign audio")
         (frame_obj,) = self._chunker.push(frame)
-        await self._submit([self._frame_command(frame_obj.seq, frame_obj.pcm)], wait)
+        await self._submit(self._frame_entries([frame_obj]), wait)
         return frame_obj.seq
 
     async def finalize(self) -> None:
@@ -355,7 +431,7 @@ class ProducerSession:
         self.raise_if_failed()
         if self.ended:
             raise ValueError("session already ended")
-        await self._submit([Command(self.keys.audio, dict(finalize_fields()), self)], True)
+        await self._submit([xadd_entry(self.keys.audio, dict(finalize_fields()), self)], True)
 
     async def force_end_turn(self) -> None:
         """Flux sessions (model `flux-…`): end the user's turn now (Deepgram's ForceEndTurn), e.g.
@@ -366,7 +442,7 @@ class ProducerSession:
             raise ValueError("session already ended")
         if not is_flux(self.options):
             raise ValueError("force_end_turn() is for Flux sessions (model flux-…); use finalize()")
-        await self._submit([Command(self.keys.audio, dict(force_end_turn_fields()), self)], True)
+        await self._submit([xadd_entry(self.keys.audio, dict(force_end_turn_fields()), self)], True)
 
     async def configure(self, **thresholds: float) -> None:
         """Flux sessions: change end-of-turn thresholds from here on (Deepgram's Configure):
@@ -378,24 +454,26 @@ class ProducerSession:
         if not is_flux(self.options):
             raise ValueError("configure() is for Flux sessions (model flux-…)")
         validate_thresholds(thresholds)
-        await self._submit([Command(self.keys.audio, dict(configure_fields(thresholds)), self)], True)
+        await self._submit([xadd_entry(self.keys.audio, dict(configure_fields(thresholds)), self)], True)
 
     async def end(self) -> int:
         """Send the padded remainder and the end marker; return once stored. Returns frames sent.
 
-        Calling it again is a no-op, so `async with` and an explicit end() can coexist.
+        Also what flushes this session's `send_nowait` frames: the end marker goes in the same
+        queue behind them, so once it is stored they are too. Calling it again is a no-op, so
+        `async with` and an explicit end() can coexist.
         """
         if self.ended:
             return self.frames_sent
         self.raise_if_failed()
-        commands = []
+        entries = []
         last = self._chunker.flush()
         if last is not None:
-            commands.append(self._frame_command(last.seq, last.pcm))
+            entries.extend(self._frame_entries([last]))
         self.ended = True
-        commands.append(Command(self.keys.audio, dict(end_fields(self.frames_sent)), self))
+        entries.append(xadd_entry(self.keys.audio, dict(end_fields(self.frames_sent)), self))
         self._expire_due = 0.0  # a full TTL from the end, in case no worker ever finishes it
-        await self._submit(commands, True)
+        await self._submit(entries, True)
         return self.frames_sent
 
     def events(
@@ -426,20 +504,50 @@ class ProducerSession:
             raise ProducerError(f"session {self.sid} has ended")
         self.raise_if_failed()
 
-    def _frame_command(self, seq: int, pcm: bytes) -> Command:
-        return Command(self.keys.audio, frame_fields(seq, pcm), self, frames=1, size=len(pcm))
+    def _frame_entries(self, frames: list[Frame]) -> list[Entry]:
+        key, pack = self._audio_key, self._pack
+        return [(pack(f.seq, f.pcm), self, key, len(f.pcm)) for f in frames]
 
-    async def _submit(self, commands: list[Command], wait_for_flush: bool) -> None:
-        if not commands:
+    def _queue_expire(self) -> None:
+        # After the frames: EXPIRE on a key that does not exist yet would do nothing.
+        self._batcher.add([self._expire])
+        self._expire_due = time.monotonic() + self._expire_every
+
+    async def _submit(self, entries: list[Entry], wait_for_flush: bool) -> None:
+        if not entries:
             return
-        now = time.monotonic()
-        if now >= self._expire_due:
-            # After the frames: EXPIRE on a key that does not exist yet would do nothing.
-            commands.append(self._expire)
-            self._expire_due = now + self._expire_every
-        done = self._batcher.submit(commands)
+        if time.monotonic() >= self._expire_due:
+            entries.append(self._expire)
+            self._expire_due = time.monotonic() + self._expire_every
+        done = self._batcher.submit(entries)
         if wait_for_flush or self._batcher.over_limit:
             if not wait_for_flush:  # a send that wanted to return at once, held back: backpressure
                 self._batcher.stats.backpressure_waits += 1
             await wait(done)
             self.raise_if_failed()
+
+
+def _frame_packer(
+    key: str, size: int | None = None
+) -> Callable[[int, bytes | bytearray | memoryview], bytes]:
+    """`pack(seq, pcm)`: the RESP of `XADD key * seq <seq> pcm <pcm>`, what producer.resp.pack_xadd
+    makes of `frame_fields(seq, pcm)`, from one format string per session (the key and the field
+    names never change; the seq and the PCM are the only parts that do). With `size`, for PCM of
+    exactly that many bytes (the length is then part of the format). The PCM is copied into the
+    command, so a caller may reuse its buffer."""
+    head = b"*7\r\n$4\r\nXADD\r\n" + bulk(key.encode()) + b"$1\r\n*\r\n" + bulk(F_SEQ.encode())
+    # "%" in a key (a session id may hold one) is literal text here, not a placeholder.
+    head = head.replace(b"%", b"%%") + b"$%d\r\n%d\r\n" + bulk(F_PCM.encode())
+    if size is not None:
+        whole = head + b"$%d\r\n" % size + b"%s\r\n"
+
+        def pack_whole(seq: int, pcm: bytes | bytearray | memoryview) -> bytes:
+            return whole % (len(str(seq)), seq, pcm)
+
+        return pack_whole
+    template = head + b"$%d\r\n%s\r\n"
+
+    def pack(seq: int, pcm: bytes | bytearray | memoryview) -> bytes:
+        return template % (len(str(seq)), seq, len(pcm), pcm)
+
+    return pack

@@ -28,6 +28,10 @@ COUNTERS = {
         "voxqueue_producer_backpressure_waits",
         "Sends without wait that waited anyway because Redis fell behind (max_pending_frames)",
     ),
+    "queue_full": (
+        "voxqueue_producer_queue_full",
+        "send_nowait calls refused with QueueFull because Redis fell behind (max_pending_frames)",
+    ),
 }
 
 
@@ -51,6 +55,13 @@ def register_producer_metrics(
             yield GaugeMetricFamily(
                 "voxqueue_producer_max_batch", "Most commands in one pipeline so far", value=stats.max_batch
             )
+            if not callable(source) and hasattr(source, "outstanding_frames"):
+                yield GaugeMetricFamily(
+                    "voxqueue_producer_outstanding_frames",
+                    "Frames queued or not yet acknowledged by Redis (send_nowait raises QueueFull "
+                    "past max_pending_frames)",
+                    value=source.outstanding_frames,
+                )
 
     collector = ProducerCollector()
     (registry or REGISTRY).register(collector)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import re
 
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry, generate_latest
 
 from producer.audio import marker_frame
+from producer.batcher import QueueFull
 from producer.client import Producer
 from producer.prometheus import register_producer_metrics
 
@@ -61,3 +63,23 @@ async def test_backpressure_waits_are_counted(redis_client: aioredis.Redis) -> N
         assert relaxed.stats.backpressure_waits == 0
     finally:
         await relaxed.aclose()
+
+
+async def test_queue_full_and_outstanding_frames_are_exported(redis_client: aioredis.Redis) -> None:
+    """send_nowait refusals (QueueFull) count, and the gauge shows the frames waiting for Redis."""
+    registry = CollectorRegistry()
+    producer = Producer(redis_client, max_pending_frames=2)
+    register_producer_metrics(producer, registry)
+    try:
+        session = await producer.open_session(sid="pm4")
+        session.send_nowait(marker_frame(0, 0))
+        session.send_nowait(marker_frame(1, 0))
+        with pytest.raises(QueueFull):
+            session.send_nowait(marker_frame(2, 0))
+        text = generate_latest(registry).decode()
+        assert value(text, "voxqueue_producer_queue_full_total") == 1
+        assert value(text, "voxqueue_producer_outstanding_frames") == 2
+        await session.end()
+        assert value(generate_latest(registry).decode(), "voxqueue_producer_outstanding_frames") == 0
+    finally:
+        await producer.aclose()

@@ -6,9 +6,16 @@ writes JSON (ops/bench-results/latest.json by default).
 
     python -m ops.bench                         # S = 200 sessions for 20 s, pipeline then direct
     python -m ops.bench --sessions 100 --seconds 10
-    python -m ops.bench --sweep 300,400,500,600 # most real-time sessions one worker sustains
+    python -m ops.bench --sweep 50,100,200      # pipeline, direct and pacing at each S; PNG plots
+    python -m ops.bench --frames-per-message 1,2,4   # the pipeline once per worker setting
+    python -m ops.bench --compare old.json      # this run's key figures beside an earlier run's
+    python -m ops.bench --compare old.json new.json  # two saved runs, no new run
+    python -m ops.bench --plot a.json [b.json]  # plots of saved runs, drawn over each other
     python -m ops.bench --cluster 3             # the same pipeline load on one Redis, then on a
                                                 # 3-master local Redis Cluster: Redis CPU per shard
+
+Runs are compared or plotted together only if they come from the same CPU model and core count
+(recorded in every JSON); otherwise the bench says so and exits with code 3.
 """
 
 from __future__ import annotations
@@ -18,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,13 +37,16 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from ops.bench import report as rep
 from ops.bench.procs import percentile, sample
 from producer import protocol as p
 from worker.redis_server import RedisCluster, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
-SUSTAIN_P99_MS = 50.0
+SUSTAIN_P99_MS = rep.SUSTAIN_P99_MS
+EXIT_MACHINE_MISMATCH = 3
+EXIT_BAD_RESULTS = 4
 
 
 @dataclass
@@ -55,6 +64,11 @@ class PhaseResult:
     worker_rss_per_session_kib: float | None = None
     round_trips_per_frame: float | None = None
     partitions: int = 1
+    # The worker's setting (1: default; k: VOXQUEUE_SEND_INTERVAL_MS = 20·k, about k real-time
+    # frames per WebSocket message), and what it sent: frames ÷ WebSocket messages the emulator got.
+    frames_per_message_setting: int = 1
+    frames_per_message: float | None = None
+    sustained: bool | None = None
     # Per Redis process (one Redis, or each cluster master): its CPU over the window (/proc, all its
     # threads) per frame of the whole load, and the sessions whose partitions it serves.
     redis_cpu_us_per_frame: dict[str, float] = field(default_factory=dict)
@@ -103,6 +117,7 @@ class Bench:
         self.emulator_port = free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
         self.worker: subprocess.Popen[bytes] | None = None
+        self.flush_interval: float | None = None  # the producer's; None: the library default
 
     # ----------------------------------------------------------------------------- processes
 
@@ -157,7 +172,7 @@ class Bench:
             out[by_port[self.cluster.master_of(self.keys.sessions(i)).port]].append(i)
         return out
 
-    def start_worker(self) -> None:
+    def start_worker(self, extra_env: dict[str, str] | None = None) -> None:
         env = {
             "VOXQUEUE_REDIS_URL": self.redis_url,
             "VOXQUEUE_PARTITIONS": str(self.partitions),
@@ -166,6 +181,7 @@ class Bench:
             "VOXQUEUE_LOG_FORMAT": "json",
             "VOXQUEUE_LOG_LEVEL": "warning",
             **self.worker_env,
+            **(extra_env or {}),
         }
         self.worker = self._spawn([PY, "-m", "worker.cli", "worker", "--name", "bench"], "worker.log", env)
 
@@ -229,9 +245,34 @@ class Bench:
         self.idle_redis_pct = {k: 100.0 * (redis1[k] - redis0[k]) / seconds for k in redis0}
         return 100.0 * (after.cpu_s - before.cpu_s) / seconds
 
-    async def pipeline(self, sessions: int, seconds: float, tag: str) -> PhaseResult:
+    async def wait_worker_ready(self, limit_s: float = 30.0) -> None:
+        """Until the worker waits for sessions (its blocking XREADGROUP on a sessions stream shows
+        in CLIENT LIST), so a restarted worker is not measured while it starts."""
+        deadline = time.monotonic() + limit_s
+        clients = [aioredis.Redis.from_url(url) for url in sorted(set(self.partition_urls()))]
+        try:
+            while time.monotonic() < deadline:
+                for client in clients:
+                    if any(c.get("cmd") == "xreadgroup" for c in await client.client_list()):
+                        await asyncio.sleep(0.5)  # past its first reads
+                        return
+                await asyncio.sleep(0.05)
+            raise RuntimeError(f"the worker did not start within {limit_s:g} s (see worker.log)")
+        finally:
+            for client in clients:
+                await client.aclose()
+
+    async def pipeline(
+        self, sessions: int, seconds: float, tag: str, frames_per_message: int = 1
+    ) -> PhaseResult:
         assert self.worker is not None
-        result = PhaseResult("pipeline", sessions, seconds, partitions=self.partitions)
+        result = PhaseResult(
+            "pipeline",
+            sessions,
+            seconds,
+            partitions=self.partitions,
+            frames_per_message_setting=frames_per_message,
+        )
         result.redis_idle_cpu_pct = dict(self.idle_redis_pct)
         self.emulator_get("/_emulator/stats?reset=1")
         self.emulator_get("/_emulator/finals?reset=1")
@@ -253,6 +294,7 @@ class Bench:
             str(seconds),
             "--tag",
             tag,
+            *(["--flush-interval", str(self.flush_interval)] if self.flush_interval is not None else []),
             out=out,
         )
         assert proc.stdout is not None
@@ -266,6 +308,7 @@ class Bench:
         stats = self.emulator_get("/_emulator/stats")
         await proc.wait()
         produced = json.loads(out.read_text())
+        result.frames_per_message = stats["frames_received"] / max(1, stats["messages_received"])
         delivered_in_window = stats["frames_received"]
         result.frames_produced = produced["frames"]
         result.backlog_at_stop = max(0, produced["frames"] - frames0 - delivered_in_window)
@@ -305,6 +348,7 @@ class Bench:
         finals = self.emulator_get("/_emulator/finals?reset=1")["finals"]
         result.transcript_ms = reader.latencies(finals)
         await reader.aclose()
+        result.sustained = rep.sustained(asdict(result), "pipeline")
         return result
 
     async def direct(self, sessions: int, seconds: float) -> PhaseResult:
@@ -324,15 +368,29 @@ class Bench:
         assert proc.stdout is not None
         await _expect(proc.stdout, "START")
         self.emulator_get("/_emulator/stats?reset=1")
+        self.emulator_get("/_emulator/finals?reset=1")
         await _expect(proc.stdout, "STOP")
         stats = self.emulator_get("/_emulator/stats")
         await proc.wait()
         sent = json.loads(out.read_text())
         result.frames_produced = sent["frames"]
         result.frames_delivered = self.emulator_get("/_emulator/stats")["frames_received"]
+        result.frames_per_message = stats["frames_received"] / max(1, stats["messages_received"])
         result.on_time = sent["on_time"]
         result.lag_ms = _lag(stats["lag"])
         result.cpu_us_per_frame = {"direct": 1e6 * sent["cpu_s"] / max(1, sent["frames"])}
+        # Transcript latency as the pipeline's is measured: from the emulator sending a final to
+        # the backend holding it (here the SDK's `async for` in the direct load).
+        finals = self.emulator_get("/_emulator/finals?reset=1")["finals"]
+        received = {(rid, round(end, 3)): ns for rid, end, ns in sent.get("finals", [])}
+        result.transcript_ms = _summary(
+            [
+                (received[(rid, round(end, 3))] - sent_ns) / 1e6
+                for rid, end, sent_ns in finals
+                if (rid, round(end, 3)) in received
+            ]
+        )
+        result.sustained = rep.sustained(asdict(result), "direct")
         return result
 
     async def pacing(self, sessions: int, seconds: float) -> float:
@@ -405,7 +463,7 @@ class FinalsReader:
     async def _follow(self, client: aioredis.Redis, key: str) -> None:
         last = "$"
         while True:
-            reply = await client.xread({key: last}, count=1000, block=1000)
+            reply: Any = await client.xread({key: last}, count=1000, block=1000)
             now = time.time_ns()
             for _, entries in reply or ():
                 for entry_id, fields in entries:
@@ -463,56 +521,76 @@ def _summary(values: list[float]) -> dict[str, float]:
 # --------------------------------------------------------------------------------- report
 
 
-def machine() -> dict[str, Any]:
-    cpu = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
+machine = rep.machine
 
 
 def print_table(
-    pipe: PhaseResult, direct: PhaseResult, idle_pct: float, pacing_us: float
-) -> list[tuple[str, str, str]]:
-    w = pipe.cpu_us_per_frame["worker"]
-    pr = pipe.cpu_us_per_frame["producer"]
+    pipes: list[PhaseResult], direct: PhaseResult, idle_pct: float, pacing_us: float
+) -> list[tuple[str, ...]]:
+    """The pipeline (one column per frames-per-message setting) beside the direct pattern."""
     d = direct.cpu_us_per_frame["direct"]
-    rows = [
+
+    def each(cell: Any) -> list[str]:
+        return [cell(x) for x in pipes]
+
+    rows: list[tuple[str, ...]] = [
+        ("", *(f"pipeline, {x.frames_per_message_setting} f/msg" for x in pipes), "direct SDK"),
         (
             "sessions × seconds",
-            f"{pipe.sessions} × {pipe.seconds:g}",
+            *each(lambda x: f"{x.sessions} × {x.seconds:g}"),
             f"{direct.sessions} × {direct.seconds:g}",
         ),
         (
             "frames produced / delivered",
-            f"{pipe.frames_produced} / {pipe.frames_delivered}",
+            *each(lambda x: f"{x.frames_produced} / {x.frames_delivered}"),
             f"{direct.frames_produced} / {direct.frames_delivered}",
         ),
-        ("frames on schedule", f"{pipe.on_time:.1%}", f"{direct.on_time:.1%}"),
-        ("frame lag p50 / p99 / max (ms)", _fmt3(pipe.lag_ms), _fmt3(direct.lag_ms)),
+        ("frames on schedule", *each(lambda x: f"{x.on_time:.1%}"), f"{direct.on_time:.1%}"),
+        (
+            "frames per WebSocket message",
+            *each(lambda x: f"{x.frames_per_message or 0:.2f}"),
+            f"{direct.frames_per_message or 0:.2f}",
+        ),
+        ("frame lag p50 / p99 / max (ms)", *each(lambda x: _fmt3(x.lag_ms)), _fmt3(direct.lag_ms)),
         (
             "transcript latency p50 / p99 (ms)",
-            _fmt2(pipe.transcript_ms),
-            "—",
+            *each(lambda x: _fmt2(x.transcript_ms)),
+            _fmt2(direct.transcript_ms),
         ),
-        ("CPU µs per frame", f"worker {w:.1f}, producer {pr:.1f}", f"{d:.1f}"),
-        ("worker ÷ direct CPU per frame", f"{w / d:.2f}", "1.00"),
-        ("producer ÷ direct CPU per frame", f"{pr / d:.2f}", "1.00"),
-        ("  of which the simulated backend's pacing (µs)", f"{pacing_us:.1f}", f"{pacing_us:.1f}"),
-        ("producer ÷ direct, net of that pacing", f"{(pr - pacing_us) / (d - pacing_us):.2f}", "1.00"),
-        ("Redis round trips per produced frame", f"{pipe.round_trips_per_frame:.3f}", "—"),
-        ("worker RSS per session (KiB)", f"{pipe.worker_rss_per_session_kib:.0f}", "—"),
-        ("backlog at end of window (frames)", str(pipe.backlog_at_stop), "—"),
-        ("idle worker CPU (% of a core)", f"{idle_pct:.2f}", "—"),
+        ("worker CPU µs per frame", *each(lambda x: f"{x.cpu_us_per_frame['worker']:.1f}"), "—"),
+        ("worker ÷ direct CPU per frame", *each(lambda x: f"{x.cpu_us_per_frame['worker'] / d:.2f}"), "1.00"),
+        (
+            "sender CPU µs per frame",
+            *each(lambda x: f"producer {x.cpu_us_per_frame['producer']:.1f}"),
+            f"{d:.1f}",
+        ),
+        (
+            "producer ÷ direct CPU per frame",
+            *each(lambda x: f"{x.cpu_us_per_frame['producer'] / d:.2f}"),
+            "1.00",
+        ),
+        (
+            "  of which the simulated backend's pacing (µs)",
+            *each(lambda x: f"{pacing_us:.1f}"),
+            f"{pacing_us:.1f}",
+        ),
+        (
+            "producer ÷ direct, net of that pacing",
+            *each(lambda x: f"{(x.cpu_us_per_frame['producer'] - pacing_us) / (d - pacing_us):.2f}"),
+            "1.00",
+        ),
+        ("Redis round trips per produced frame", *each(lambda x: f"{x.round_trips_per_frame:.3f}"), "—"),
+        ("worker RSS per session (KiB)", *each(lambda x: f"{x.worker_rss_per_session_kib:.0f}"), "—"),
+        ("backlog at end of window (frames)", *each(lambda x: str(x.backlog_at_stop)), "—"),
+        (
+            "sustained in real time",
+            *each(lambda x: "yes" if x.sustained else "NO"),
+            "yes" if direct.sustained else "NO",
+        ),
+        ("idle worker CPU (% of a core)", *each(lambda x: f"{idle_pct:.2f}"), "—"),
     ]
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'':{width}}  {'pipeline':>34}  {'direct SDK':>14}")
-    for name, a, b in rows:
-        print(f"{name:{width}}  {a:>34}  {b:>14}")
+    print()
+    rep.print_rows(rows[0], rows[1:])
     return rows
 
 
@@ -602,12 +680,25 @@ def _fmt2(d: dict[str, float]) -> str:
     return " / ".join(f"{d.get(k, float('nan')):.1f}" for k in ("p50", "p99"))
 
 
+def frames_per_message_plan(
+    args: argparse.Namespace, worker_env: dict[str, str]
+) -> list[tuple[int, dict[str, str]]]:
+    """(setting, extra worker environment) for each pipeline run. Without --frames-per-message the
+    setting is read off a VOXQUEUE_SEND_INTERVAL_MS given with --worker-env (or 1)."""
+    if args.frames_per_message is None:
+        held = int(worker_env.get("VOXQUEUE_SEND_INTERVAL_MS", "0") or 0)
+        return [(max(1, held // rep.FRAME_MS), {})]
+    return [(k, rep.worker_env_for(k)) for k in rep.parse_frames_per_message(args.frames_per_message)]
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="voxqueue-bench-"))
     worker_env = dict(kv.split("=", 1) for kv in args.worker_env)
+    plan = frames_per_message_plan(args, worker_env)
     # The same P for the one-Redis run and the cluster run: the same load, only spread out.
     partitions = args.partitions or (4 * args.cluster if args.cluster else 1)
     bench = Bench(tmp, worker_env, partitions)
+    bench.flush_interval = args.flush_interval
     host = machine()
     cpu = host["cpu"] or "unknown CPU"
     print(f"machine: {cpu}, {host['cores']} cores, Python {host['python']}", flush=True)
@@ -620,65 +711,169 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         bench.start()
-        bench.start_worker()
+        bench.start_worker(plan[0][1])
         idle = await bench.idle_worker_cpu()
         report["idle_worker_cpu_pct"] = idle
         if args.sweep:
-            report["sweep"] = []
-            for i, s in enumerate(int(x) for x in args.sweep.split(",")):
-                res = await bench.pipeline(s, args.seconds, tag=f"sweep{i}")
-                ok = (
-                    res.lag_ms["p99"] <= SUSTAIN_P99_MS
-                    and res.backlog_at_stop <= 2 * s
-                    and res.on_time > 0.99
-                )
-                report["sweep"].append({**asdict(res), "sustained": ok})
-                print(
-                    f"S={s:5d}  lag p50/p99/max {_fmt3(res.lag_ms)} ms  backlog {res.backlog_at_stop:6d}  "
-                    f"on schedule {res.on_time:.1%}  worker {res.cpu_us_per_frame['worker']:.1f} µs/frame  "
-                    f"{'sustained' if ok else 'NOT sustained'}",
-                    flush=True,
-                )
-            sustained = [r["sessions"] for r in report["sweep"] if r["sustained"]]
-            report["max_sustained_sessions"] = max(sustained) if sustained else 0
-            print(f"most real-time sessions one worker sustained: {report['max_sustained_sessions']}")
+            await run_sweep(bench, args, plan, report)
         else:
-            pipe = await bench.pipeline(args.sessions, args.seconds, tag="main")
-            bench.stop_worker()  # the direct phase shares the machine with the emulator only
-            shards: PhaseResult | None = None
-            if args.cluster:
-                bench.use_cluster(args.cluster)
-                bench.start_worker()
-                cluster_idle = await bench.idle_worker_cpu()
-                shards = await bench.pipeline(args.sessions, args.seconds, tag="cluster")
-                bench.stop_worker()
-                report["cluster"] = {
-                    "masters": args.cluster,
-                    "partitions": partitions,
-                    "idle_worker_cpu_pct": cluster_idle,
-                    "pipeline": asdict(shards),
-                }
-            direct = await bench.direct(args.sessions, args.seconds)
-            pacing_us = await bench.pacing(args.sessions, min(args.seconds, 10.0))
-            report["pipeline"], report["direct"] = asdict(pipe), asdict(direct)
-            report["pacing_us_per_frame"] = pacing_us
-            report["ratios"] = {
-                "worker_vs_direct": pipe.cpu_us_per_frame["worker"] / direct.cpu_us_per_frame["direct"],
-                "producer_vs_direct": pipe.cpu_us_per_frame["producer"] / direct.cpu_us_per_frame["direct"],
-            }
-            report["ratios"]["producer_vs_direct_net_of_pacing"] = (
-                pipe.cpu_us_per_frame["producer"] - pacing_us
-            ) / (direct.cpu_us_per_frame["direct"] - pacing_us)
-            report["table"] = print_table(pipe, direct, idle, pacing_us)
-            if shards is not None:
-                report["cluster"]["table"] = print_cluster_table(pipe, shards)
+            await run_single(bench, args, plan, report, idle)
     finally:
         bench.stop_worker()
         bench.stop()
     out = Path(args.out)
     await asyncio.to_thread(_write_json, out, report)
     print(f"\nwrote {out}  (process logs in {tmp})")
+    if args.sweep:
+        plot_files(out, [(out.stem, report)])
     return report
+
+
+async def run_sweep(
+    bench: Bench, args: argparse.Namespace, plan: list[tuple[int, dict[str, str]]], report: dict[str, Any]
+) -> None:
+    """Every S with the pipeline (once per frames-per-message setting, one worker each), then
+    every S with the direct pattern and the pacing alone: ratios within one run."""
+    sizes = [int(x) for x in args.sweep.split(",")]
+    pipes: dict[int, list[PhaseResult]] = {s: [] for s in sizes}
+    for index, (k, extra) in enumerate(plan):
+        if index:
+            bench.stop_worker()
+            bench.start_worker(extra)
+            await bench.wait_worker_ready()
+        for s in sizes:
+            res = await bench.pipeline(s, args.seconds, tag=f"s{s}f{k}", frames_per_message=k)
+            pipes[s].append(res)
+            print(
+                f"S={s:5d} pipeline {k} f/msg: lag p50/p99/max {_fmt3(res.lag_ms)} ms  "
+                f"backlog {res.backlog_at_stop}  on schedule {res.on_time:.1%}  "
+                f"worker {res.cpu_us_per_frame['worker']:.1f} µs/frame  "
+                f"producer {res.cpu_us_per_frame['producer']:.1f} µs/frame  "
+                f"{'sustained' if res.sustained else 'NOT sustained'}",
+                flush=True,
+            )
+    bench.stop_worker()  # the direct phases share the machine with the emulator only
+    report["sweep"] = []
+    for s in sizes:
+        direct = await bench.direct(s, args.seconds)
+        pacing_us = await bench.pacing(s, min(args.seconds, 10.0))
+        print(
+            f"S={s:5d} direct: lag p50/p99/max {_fmt3(direct.lag_ms)} ms  "
+            f"{direct.cpu_us_per_frame['direct']:.1f} µs/frame (pacing {pacing_us:.1f})  "
+            f"{'sustained' if direct.sustained else 'NOT sustained'}",
+            flush=True,
+        )
+        entry = {
+            "sessions": s,
+            "pipeline": [asdict(x) for x in pipes[s]],
+            "direct": asdict(direct),
+            "pacing_us_per_frame": pacing_us,
+        }
+        entry["ratios"] = rep.ratios(entry)
+        report["sweep"].append(entry)
+    most: dict[str, int] = {}
+    for entry in report["sweep"]:
+        for phase in entry["pipeline"]:
+            label = f"pipeline, {phase['frames_per_message_setting']} f/msg"
+            most.setdefault(label, 0)
+            if phase["sustained"]:
+                most[label] = max(most[label], entry["sessions"])
+        most.setdefault("direct SDK", 0)
+        if entry["direct"]["sustained"]:
+            most["direct SDK"] = max(most["direct SDK"], entry["sessions"])
+    report["max_sustained_sessions"] = most
+    print()
+    rep.print_rows(rep.SWEEP_HEADER, rep.sweep_rows(report))
+    print("most real-time sessions sustained: " + ", ".join(f"{k} {v}" for k, v in most.items()))
+
+
+async def run_single(
+    bench: Bench,
+    args: argparse.Namespace,
+    plan: list[tuple[int, dict[str, str]]],
+    report: dict[str, Any],
+    idle: float,
+) -> None:
+    pipes = []
+    for index, (k, extra) in enumerate(plan):
+        if index:
+            bench.stop_worker()
+            bench.start_worker(extra)
+            await bench.wait_worker_ready()
+        pipes.append(
+            await bench.pipeline(args.sessions, args.seconds, tag=f"main-f{k}", frames_per_message=k)
+        )
+    bench.stop_worker()  # the direct phase shares the machine with the emulator only
+    pipe = pipes[0]
+    shards: PhaseResult | None = None
+    if args.cluster:
+        bench.use_cluster(args.cluster)
+        bench.start_worker(plan[0][1])
+        cluster_idle = await bench.idle_worker_cpu()
+        shards = await bench.pipeline(
+            args.sessions, args.seconds, tag="cluster", frames_per_message=plan[0][0]
+        )
+        bench.stop_worker()
+        report["cluster"] = {
+            "masters": args.cluster,
+            "partitions": bench.partitions,
+            "idle_worker_cpu_pct": cluster_idle,
+            "pipeline": asdict(shards),
+        }
+    direct = await bench.direct(args.sessions, args.seconds)
+    pacing_us = await bench.pacing(args.sessions, min(args.seconds, 10.0))
+    report["pipeline"], report["direct"] = asdict(pipe), asdict(direct)
+    if len(pipes) > 1:
+        report["pipelines"] = [asdict(x) for x in pipes]
+    report["pacing_us_per_frame"] = pacing_us
+    d = direct.cpu_us_per_frame["direct"]
+    report["ratios"] = {
+        "worker_vs_direct": pipe.cpu_us_per_frame["worker"] / d,
+        "producer_vs_direct": pipe.cpu_us_per_frame["producer"] / d,
+        "producer_vs_direct_net_of_pacing": (pipe.cpu_us_per_frame["producer"] - pacing_us) / (d - pacing_us),
+    }
+    if len(pipes) > 1:
+        report["ratios"]["by_frames_per_message"] = rep.ratios(rep.entries(report)[0])
+    report["table"] = print_table(pipes, direct, idle, pacing_us)
+    if shards is not None:
+        report["cluster"]["table"] = print_cluster_table(pipe, shards)
+
+
+def plot_files(json_path: Path, runs: list[tuple[str, dict[str, Any]]]) -> bool:
+    """PNG plots next to the JSON; False (and a note) without matplotlib."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(
+            "no plots: matplotlib is not installed (pip install 'voxqueue[bench]')",
+            file=sys.stderr,
+        )
+        return False
+    stem = json_path.with_suffix("")
+    if len(runs) > 1:
+        stem = stem.with_name("-vs-".join(name for name, _ in runs))
+    for path in rep.plot(runs, stem):
+        print(f"wrote {path}")
+    return True
+
+
+def load_results(path: str) -> tuple[str, dict[str, Any]]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise rep.BadResults(f"{path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise rep.BadResults(f"{path}: not a bench results file")
+    return Path(path).stem, data
+
+
+def compare(old: tuple[str, dict[str, Any]], new: tuple[str, dict[str, Any]]) -> None:
+    rep.check_same_machine([old, new])
+    rows = rep.compare_rows(old[1], new[1])
+    if not rows:
+        raise rep.BadResults(f"{old[0]} and {new[0]} have no figure in common (different S?)")
+    print(f"\ncompared on {old[1]['machine']['cpu']}, {old[1]['machine']['cores']} cores:")
+    rep.print_rows(("figure", old[0], new[0], "new ÷ old"), rows)
 
 
 def _write_json(path: Path, report: dict[str, Any]) -> None:
@@ -692,7 +887,17 @@ def main() -> None:
     )
     parser.add_argument("--sessions", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--sweep", help="comma-separated session counts: find the most one worker sustains")
+    parser.add_argument(
+        "--sweep",
+        help="comma-separated session counts: pipeline, direct and pacing at each, and PNG plots "
+        "(CPU per frame, frame lag p99, sessions sustained against S) next to the JSON",
+    )
+    parser.add_argument(
+        "--frames-per-message",
+        metavar="K,K,...",
+        help="run the pipeline once per value, with the worker holding live frames 20·K ms "
+        "(VOXQUEUE_SEND_INTERVAL_MS; 1 = the default, no hold), e.g. 1,2,4",
+    )
     parser.add_argument(
         "--worker-env",
         action="append",
@@ -713,18 +918,73 @@ def main() -> None:
         default=0,
         help="VOXQUEUE_PARTITIONS for every run (default: 4 per shard with --cluster, else 1)",
     )
+    parser.add_argument(
+        "--flush-interval", type=float, help="the producer's flush_interval, seconds (default: the library's)"
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="JSON",
+        help="OLD: after this run, its key figures beside OLD's; OLD NEW: compare two saved runs, no run. "
+        "Refused (exit 3) for results of another CPU model or core count",
+    )
+    parser.add_argument(
+        "--plot",
+        nargs="+",
+        metavar="JSON",
+        help="no run: PNG plots of saved results (several: drawn over each other, same machine only)",
+    )
     parser.add_argument("--out", default=str(ROOT / "ops" / "bench-results" / "latest.json"))
     args = parser.parse_args()
     if args.cluster < 0 or args.partitions < 0:
         parser.error("--cluster and --partitions must be >= 0")
     if args.cluster and args.sweep:
         parser.error("--cluster compares one pipeline run per topology; it does not combine with --sweep")
+    if args.compare and len(args.compare) > 2:
+        parser.error("--compare takes OLD, or OLD NEW")
     try:
+        if args.frames_per_message is not None:
+            plan = rep.parse_frames_per_message(args.frames_per_message)
+            if any(kv.startswith("VOXQUEUE_SEND_INTERVAL_MS=") for kv in args.worker_env):
+                parser.error("--frames-per-message sets VOXQUEUE_SEND_INTERVAL_MS: do not also pass it")
+            if args.cluster and len(plan) > 1:
+                parser.error("--cluster runs one frames-per-message setting")
+    except ValueError as exc:
+        parser.error(str(exc))
+    sys.exit(dispatch(args))
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run, compare or plot; the exit code. Saved results are checked before a long run starts."""
+    try:
+        if args.plot:
+            runs = [load_results(path) for path in args.plot]
+            for _, data in runs:
+                rep.entries(data)  # readable at all
+            rep.check_same_machine(runs)
+            return 0 if plot_files(Path(args.plot[0]), runs) else 2
+        old = load_results(args.compare[0]) if args.compare else None
+        if args.compare and len(args.compare) == 2:
+            assert old is not None
+            compare(old, load_results(args.compare[1]))
+            return 0
+        if old is not None:  # before the run: refuse at once rather than after minutes of load
+            rep.check_same_machine([old, ("this machine", {"machine": machine()})])
+            rep.entries(old[1])
         import uvloop
 
-        uvloop.run(run(args))
+        report = uvloop.run(run(args))
+        if old is not None:
+            compare(old, (Path(args.out).stem, report))
+        return 0
+    except rep.MachineMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_MACHINE_MISMATCH
+    except rep.BadResults as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_RESULTS
     except KeyboardInterrupt:
-        sys.exit(130)
+        return 130
 
 
 if __name__ == "__main__":

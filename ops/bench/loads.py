@@ -22,7 +22,6 @@ import asyncio
 import json
 import random
 import resource
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -45,7 +44,8 @@ def cpu_seconds() -> float:
 async def paced_frames(
     seconds: float, start: float, phase: float, send: Callable[[int], Awaitable[None]]
 ) -> int:
-    """Calls send(n) at start + phase + n × 20 ms until `seconds` have passed; returns frames sent."""
+    """Awaits send(n) at start + phase + n × 20 ms until `seconds` have passed; returns frames
+    sent. For an API whose send is a coroutine (deepgram-sdk's `send_media`)."""
     frames = int(seconds / FRAME_S)
     for n in range(frames):
         delay = start + phase + n * FRAME_S - time.monotonic()
@@ -55,13 +55,26 @@ async def paced_frames(
     return frames
 
 
+async def paced_calls(seconds: float, start: float, phase: float, send: Callable[[int], object]) -> int:
+    """The same schedule with a plain call per frame (the producer's `send_nowait`, and the pacing
+    baseline: what a backend pays to produce a frame on time, whatever it then does with it)."""
+    frames = int(seconds / FRAME_S)
+    for n in range(frames):
+        delay = start + phase + n * FRAME_S - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        send(n)
+    return frames
+
+
 def announce(word: str) -> None:
     print(word, flush=True)
 
 
 async def run_producer(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(1)
-    async with Producer(args.redis_url, partitions=args.partitions) as producer:
+    tuning = {"flush_interval": args.flush_interval} if args.flush_interval is not None else {}
+    async with Producer(args.redis_url, partitions=args.partitions, **tuning) as producer:
         sessions = [await producer.open_session(sid=f"bench-{args.tag}-{i}") for i in range(args.sessions)]
         # Steady state, not a thundering herd: let the worker claim every session and open its
         # Deepgram connection before the first frame (sessions opened at once are not the
@@ -74,10 +87,13 @@ async def run_producer(args: argparse.Namespace) -> dict[str, Any]:
         flushes0 = producer.stats.flushes
 
         async def one(session: Any) -> int:
-            async def send(n: int) -> None:
-                await session.send_frame(marker_frame(n, time.time_ns()), wait=False)
+            send_nowait = session.send_nowait
 
-            return await paced_frames(args.seconds, start, rng.uniform(0, PHASE_SPREAD_S), send)
+            def send(n: int) -> None:
+                # Synchronous: the frame joins the next pipeline; no await, no task switch.
+                send_nowait(marker_frame(n, time.time_ns()))
+
+            return await paced_calls(args.seconds, start, rng.uniform(0, PHASE_SPREAD_S), send)
 
         counts = await asyncio.gather(*(one(s) for s in sessions))
         await producer.flush()
@@ -111,6 +127,9 @@ async def run_direct(args: argparse.Namespace) -> dict[str, Any]:
     go = asyncio.Event()
     opened = 0
     start_at = 0.0
+    # When each final arrived: [request id, its end, time.time_ns()], joined by the bench with the
+    # emulator's send times (transcript latency, as it measures the pipeline's).
+    finals: list[tuple[str, float, int]] = []
 
     async def one(i: int) -> int:
         nonlocal opened
@@ -119,8 +138,11 @@ async def run_direct(args: argparse.Namespace) -> dict[str, Any]:
         ) as conn:
 
             async def read() -> None:
-                async for _ in conn:
-                    pass
+                async for message in conn:
+                    final = getattr(message, "type", None) == "Results" and message.is_final
+                    if final and (not message.channel_index or message.channel_index[0] == 0):
+                        end = round(message.start + message.duration, 3)
+                        finals.append((message.metadata.request_id, end, time.time_ns()))
 
             reader = asyncio.create_task(read())
             opened += 1
@@ -154,6 +176,7 @@ async def run_direct(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_s": cpu1 - cpu0,
         "wall_s": t1 - t0,
         "on_time": frames / (args.sessions * args.seconds / FRAME_S) if args.sessions else 1.0,
+        "finals": finals,
     }
 
 
@@ -165,12 +188,12 @@ async def run_pacing(args: argparse.Namespace) -> dict[str, Any]:
     announce("START")
     cpu0, t0 = cpu_seconds(), time.monotonic()
 
-    async def nothing(n: int) -> None:
+    def nothing(n: int) -> None:
         marker_frame(n, time.time_ns())
 
     counts = await asyncio.gather(
         *(
-            paced_frames(args.seconds, start, rng.uniform(0, PHASE_SPREAD_S), nothing)
+            paced_calls(args.seconds, start, rng.uniform(0, PHASE_SPREAD_S), nothing)
             for _ in range(args.sessions)
         )
     )
@@ -188,6 +211,9 @@ def main() -> None:
     parser.add_argument("--deepgram-url")
     parser.add_argument("--tag", default="0")
     parser.add_argument("--partitions", type=int, default=1, help="the deployment's VOXQUEUE_PARTITIONS")
+    parser.add_argument(
+        "--flush-interval", type=float, help="the Producer's flush_interval in seconds (default: its own)"
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     runner = {"producer": run_producer, "direct": run_direct, "pacing": run_pacing}[args.mode]
@@ -199,4 +225,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
