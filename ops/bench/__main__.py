@@ -11,6 +11,7 @@ writes JSON (ops/bench-results/latest.json by default).
     python -m ops.bench --compare old.json      # this run's key figures beside an earlier run's
     python -m ops.bench --compare old.json new.json  # two saved runs, no new run
     python -m ops.bench --plot a.json [b.json]  # plots of saved runs, drawn over each other
+    python -m ops.bench --flux                  # Flux (listen v2) sessions, 80 ms messages, both sides
     python -m ops.bench --cluster 3             # the same pipeline load on one Redis, then on a
                                                 # 3-master local Redis Cluster: Redis CPU per shard
 
@@ -118,6 +119,7 @@ class Bench:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.worker: subprocess.Popen[bytes] | None = None
         self.flush_interval: float | None = None  # the producer's; None: the library default
+        self.flux = False  # Deepgram Flux sessions (listen v2) in both patterns
 
     # ----------------------------------------------------------------------------- processes
 
@@ -295,6 +297,7 @@ class Bench:
             "--tag",
             tag,
             *(["--flush-interval", str(self.flush_interval)] if self.flush_interval is not None else []),
+            *(["--flux"] if self.flux else []),
             out=out,
         )
         assert proc.stdout is not None
@@ -363,6 +366,7 @@ class Bench:
             str(sessions),
             "--seconds",
             str(seconds),
+            *(["--flux"] if self.flux else []),
             out=out,
         )
         assert proc.stdout is not None
@@ -468,9 +472,12 @@ class FinalsReader:
             for _, entries in reply or ():
                 for entry_id, fields in entries:
                     last = entry_id
-                    if fields.get(b"type") != b"final":
+                    kind = fields.get(b"type")
+                    if kind not in (b"final", b"turn"):
                         continue
                     event = p.decode_event(fields)
+                    if kind == b"turn" and event.get("event") != "EndOfTurn":
+                        continue  # a Flux session's final is its EndOfTurn
                     self.seen[(event["request_id"], round(event["end"], 3))] = now
                     self.built[(event["request_id"], round(event["end"], 3))] = event["ts"] * 1_000_000
 
@@ -699,6 +706,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     partitions = args.partitions or (4 * args.cluster if args.cluster else 1)
     bench = Bench(tmp, worker_env, partitions)
     bench.flush_interval = args.flush_interval
+    bench.flux = args.flux
     host = machine()
     cpu = host["cpu"] or "unknown CPU"
     print(f"machine: {cpu}, {host['cores']} cores, Python {host['python']}", flush=True)
@@ -917,6 +925,12 @@ def main() -> None:
         type=int,
         default=0,
         help="VOXQUEUE_PARTITIONS for every run (default: 4 per shard with --cluster, else 1)",
+    )
+    parser.add_argument(
+        "--flux",
+        action="store_true",
+        help="Deepgram Flux sessions (listen v2) in both patterns: a turn ends every 0.5 s of audio; "
+        "the worker sends 80 ms messages (its Flux default) and so does the direct pattern",
     )
     parser.add_argument(
         "--flush-interval", type=float, help="the producer's flush_interval, seconds (default: the library's)"

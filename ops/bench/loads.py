@@ -34,6 +34,19 @@ from worker.cli import tune_gc
 
 FRAME_S = 0.02
 PHASE_SPREAD_S = 1.0  # session start offsets are uniform in [0, this)
+# --flux: Deepgram Flux sessions (model flux-general-en, /v2/listen). A turn ends every 25 frames
+# (0.5 s, as often as v1's marker finals), by the emulator's end-of-turn flag on the last frame;
+# the direct pattern sends 80 ms messages (4 frames), as Deepgram recommends for Flux and as the
+# worker does by default.
+FLUX_OPTIONS = {"model": "flux-general-en"}
+FLUX_TURN_FRAMES = 25
+FLUX_FRAMES_PER_MESSAGE = 4
+
+
+def bench_frame(n: int, flux: bool) -> bytes:
+    if flux:
+        return marker_frame(n, time.time_ns(), end_of_turn=n % FLUX_TURN_FRAMES == FLUX_TURN_FRAMES - 1)
+    return marker_frame(n, time.time_ns())
 
 
 def cpu_seconds() -> float:
@@ -75,7 +88,11 @@ async def run_producer(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(1)
     tuning = {"flush_interval": args.flush_interval} if args.flush_interval is not None else {}
     async with Producer(args.redis_url, partitions=args.partitions, **tuning) as producer:
-        sessions = [await producer.open_session(sid=f"bench-{args.tag}-{i}") for i in range(args.sessions)]
+        options = FLUX_OPTIONS if args.flux else None
+        sessions = [
+            await producer.open_session(sid=f"bench-{args.tag}-{i}", options=options)
+            for i in range(args.sessions)
+        ]
         # Steady state, not a thundering herd: let the worker claim every session and open its
         # Deepgram connection before the first frame (sessions opened at once are not the
         # pattern under test; their ramp is measured by the chaos and end-to-end tests).
@@ -88,10 +105,11 @@ async def run_producer(args: argparse.Namespace) -> dict[str, Any]:
 
         async def one(session: Any) -> int:
             send_nowait = session.send_nowait
+            flux = args.flux
 
             def send(n: int) -> None:
                 # Synchronous: the frame joins the next pipeline; no await, no task switch.
-                send_nowait(marker_frame(n, time.time_ns()))
+                send_nowait(bench_frame(n, flux))
 
             return await paced_calls(args.seconds, start, rng.uniform(0, PHASE_SPREAD_S), send)
 
@@ -131,15 +149,25 @@ async def run_direct(args: argparse.Namespace) -> dict[str, Any]:
     # emulator's send times (transcript latency, as it measures the pipeline's).
     finals: list[tuple[str, float, int]] = []
 
+    def connect() -> Any:
+        if args.flux:
+            return client.listen.v2.connect(encoding="linear16", sample_rate="16000", **FLUX_OPTIONS)
+        return client.listen.v1.connect(
+            model="nova-3", encoding="linear16", sample_rate="16000", channels="1"
+        )
+
     async def one(i: int) -> int:
         nonlocal opened
-        async with client.listen.v1.connect(
-            model="nova-3", encoding="linear16", sample_rate="16000", channels="1"
-        ) as conn:
+        async with connect() as conn:
 
             async def read() -> None:
                 async for message in conn:
-                    final = getattr(message, "type", None) == "Results" and message.is_final
+                    kind = getattr(message, "type", None)
+                    if kind == "TurnInfo" and message.event == "EndOfTurn":
+                        end = round(message.audio_window_end, 3)
+                        finals.append((message.request_id, end, time.time_ns()))
+                        continue
+                    final = kind == "Results" and message.is_final
                     if final and (not message.channel_index or message.channel_index[0] == 0):
                         end = round(message.start + message.duration, 3)
                         finals.append((message.metadata.request_id, end, time.time_ns()))
@@ -149,12 +177,20 @@ async def run_direct(args: argparse.Namespace) -> dict[str, Any]:
             if opened == args.sessions:
                 ready.set()
             await go.wait()
-            sent = await paced_frames(
-                args.seconds,
-                start_at,
-                rng.uniform(0, FRAME_S),
-                lambda n: conn.send_media(marker_frame(n, time.time_ns())),
-            )
+            held: list[bytes] = []
+
+            async def send(n: int) -> None:
+                if not args.flux:
+                    await conn.send_media(bench_frame(n, False))
+                    return
+                held.append(bench_frame(n, True))  # Flux: one 80 ms message per 4 frames
+                if len(held) == FLUX_FRAMES_PER_MESSAGE:
+                    await conn.send_media(b"".join(held))
+                    held.clear()
+
+            sent = await paced_frames(args.seconds, start_at, rng.uniform(0, FRAME_S), send)
+            if held:
+                await conn.send_media(b"".join(held))
             await conn.send_close_stream()
             await reader
             return sent
@@ -214,6 +250,7 @@ def main() -> None:
     parser.add_argument(
         "--flush-interval", type=float, help="the Producer's flush_interval in seconds (default: its own)"
     )
+    parser.add_argument("--flux", action="store_true", help="Deepgram Flux sessions (listen v2)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     runner = {"producer": run_producer, "direct": run_direct, "pacing": run_pacing}[args.mode]
