@@ -29,11 +29,13 @@ Backpressure: frames queued or written but not yet acknowledged by Redis are cou
 once. That bounds the memory a producer uses when Redis is slower than the audio, or away.
 
 Failures:
-- Connection loss: the commands not acknowledged go back to the front of the queue, the waiters of
-  the flush (and of everything queued) get a `ProducerConnectionError`, and the batcher reconnects
-  with bounded exponential backoff (redis-py's own `Retry` first retries each connect). Nothing is
-  dropped; a retried pipeline may store a frame twice, which is harmless because the worker drops
-  frames whose seq it has already seen.
+- Connection loss: the commands not acknowledged go back to the front of the queue and the
+  batcher reconnects with bounded exponential backoff (redis-py's own `Retry` first retries each
+  connect). A connection lost once is not reported to whoever waits (their commands go out again
+  on the next one); a connect or flush that fails while commands wait is, as a
+  `ProducerConnectionError` to the waiters of everything queued. Nothing is dropped; a retried
+  pipeline may store a frame twice, which is harmless because the worker drops frames whose seq
+  it has already seen.
 - A command Redis refuses (OOM, WRONGTYPE, NOPERM ...) fails only the session it belongs to: its
   remaining queued commands are dropped and its next call raises `SessionFailed`.
 """
@@ -115,13 +117,9 @@ NOT_XADD = -1
 
 
 def xadd_entry(key: str, fields: dict[str, bytes | str], owner: CommandOwner | None = None) -> Entry:
-    """`XADD key * field value ...` of anything but an audio frame (frames: `frame_entry`)."""
+    """`XADD key * field value ...` of anything but an audio frame (frames are packed by the
+    session, producer.client._frame_packer, and queued with `Batcher.add_frame`)."""
     return (pack_xadd(key, fields), owner, key, 0)
-
-
-def frame_entry(key: str, packed: bytes, size: int, owner: CommandOwner | None = None) -> Entry:
-    """An audio frame's XADD, already packed (see producer.client.FramePacker); `size` its PCM bytes."""
-    return (packed, owner, key, size)
 
 
 def expire_entry(key: str, seconds: int, owner: CommandOwner | None = None) -> Entry:

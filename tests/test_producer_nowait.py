@@ -16,12 +16,13 @@ import signal
 import pytest
 import redis.asyncio as aioredis
 
+from producer import batcher
 from producer.audio import marker_frame, parse_marker_frame
 from producer.batcher import ProducerConnectionError, ProducerError, QueueFull, SessionFailed
 from producer.client import Producer, ProducerSession, _frame_packer, connect
 from producer.protocol import frame_fields
 from producer.resp import pack_xadd
-from worker.redis_server import RedisServer
+from worker.redis_server import RedisCluster, RedisServer
 
 FB = 640
 
@@ -253,3 +254,49 @@ async def test_unanswered_flush_times_out_and_is_sent_again(redis_server: RedisS
         await producer.aclose()
         await client.aclose()
     assert _as_the_worker_reads(seqs) == [0, 1]
+
+
+async def test_send_nowait_on_a_cluster_goes_through_the_task_sender(redis_cluster: RedisCluster) -> None:
+    """Redis Cluster keeps the task-based sender (one pipeline per node): the same queue, the same
+    order per session, whichever shard serves the session's partition."""
+    producer = Producer(redis_cluster.url.replace("redis://", "redis+cluster://"), partitions=8)
+    try:
+        sessions = [await producer.open_session(f"nowait-cl-{i}") for i in range(8)]
+        for n in range(30):
+            for session in sessions:
+                session.send_nowait(marker_frame(n))
+            if n % 10 == 0:
+                await asyncio.sleep(0)
+        async with asyncio.timeout(20):
+            await asyncio.gather(*(s.end() for s in sessions))
+        assert producer._batcher.engine == "task"
+        assert producer.outstanding_frames == 0
+        assert len({s.keys.partition for s in sessions}) > 1
+        client = connect(redis_cluster.url, cluster=True)
+        try:
+            for session in sessions:
+                audio = await _audio(client, session)
+                assert _seqs(audio) == list(range(30)) and audio[-1] == {b"end": b"1", b"frames": b"30"}
+        finally:
+            await client.aclose()
+    finally:
+        await producer.aclose()
+
+
+async def test_a_connection_that_cannot_be_taken_over_falls_back_to_the_task_sender(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client whose connections are not asyncio streams (another redis-py, a custom class) still
+    works: the batcher sends through redis-py with its flusher task."""
+
+    async def refuse(*_: object) -> None:
+        raise batcher._CannotTakeOver("not an asyncio stream (test)")
+
+    monkeypatch.setattr(batcher, "_take_over", refuse)
+    async with Producer(redis_client) as producer:
+        session = await producer.open_session("nowait-fallback")
+        for n in range(20):
+            session.send_nowait(marker_frame(n))
+        await session.end()
+        assert producer._batcher.engine == "task" and producer.outstanding_frames == 0
+    assert _seqs(await _audio(redis_client, session)) == list(range(20))
