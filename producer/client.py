@@ -14,11 +14,12 @@ talking to Deepgram directly and falls behind real time. So a `ProducerSession` 
 anything itself. It cuts the audio into frames (`FrameChunker`), assigns their seq numbers, packs
 each frame's XADD straight into RESP and appends it to the process-wide `Batcher` queue, which
 sends everything queued as ONE pipeline as soon as the event loop is free, but at most once per
-`flush_interval` (5 ms by default): all sessions whose frames became ready in the meantime share
-one round trip, and frames that arrive while a pipeline is in flight ride in the next one. An idle
-producer sends a lone frame at once; a busy one trades at most 5 ms of latency for tens of frames
-per round trip. `producer.stats` counts round trips (`flushes`) against `frames` so tests and
-benchmarks can check the ratio.
+`flush_interval` (5 ms by default; 2 ms, `waited_flush_interval`, for a flush somebody awaits):
+all sessions whose frames became ready in the meantime share one round trip, and frames that
+arrive while a pipeline is in flight ride in the next one. An idle producer sends a lone frame at
+once; a busy one trades at most 5 ms of latency for tens of frames per round trip.
+`producer.stats` counts round trips (`flushes`) against `frames` so tests and benchmarks can check
+the ratio.
 
 Three ways to hand over audio, the same frames on the wire:
 
@@ -71,6 +72,7 @@ from producer import transcripts
 from producer.audio import FrameChunker
 from producer.batcher import (
     DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_WAITED_FLUSH_INTERVAL,
     Batcher,
     BatcherStats,
     Entry,
@@ -177,7 +179,8 @@ class Producer:
     `max_pending_frames` bounds the frames queued or in flight, all sessions together (50,000 =
     1,000 session-seconds of audio, 32 MB of 16 kHz PCM, by default): past it `send_nowait`
     raises `QueueFull` and `send(wait=False)` waits. `flush_interval` (seconds) is the least
-    time between two round trips; `max_batch` the most commands in one.
+    time between two round trips, `waited_flush_interval` the same when somebody awaits the next
+    one (an awaited send, `end()`, `flush()`); `max_batch` the most commands in one.
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class Producer:
         namespace: str = DEFAULT_NAMESPACE,
         partitions: int = 1,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        waited_flush_interval: float = DEFAULT_WAITED_FLUSH_INTERVAL,
         max_batch: int = 1000,
         max_pending_frames: int = 50_000,
         audio_ttl: int = DEFAULT_AUDIO_TTL,
@@ -210,6 +214,7 @@ class Producer:
         self._batcher = Batcher(
             self.redis,
             flush_interval=flush_interval,
+            waited_flush_interval=waited_flush_interval,
             max_batch=max_batch,
             max_pending_frames=max_pending_frames,
         )

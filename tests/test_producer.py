@@ -383,7 +383,7 @@ async def test_fire_and_forget_then_flush(redis_client: aioredis.Redis) -> None:
 
 
 async def test_flush_interval_caps_round_trips_but_not_idle_latency(redis_client: aioredis.Redis) -> None:
-    async with Producer(redis_client, flush_interval=0.3) as producer:
+    async with Producer(redis_client, flush_interval=0.3, waited_flush_interval=0.3) as producer:
         session = await producer.open_session("gap")  # flush 1
         await asyncio.sleep(0.35)
         loop = asyncio.get_running_loop()

@@ -300,3 +300,20 @@ async def test_a_connection_that_cannot_be_taken_over_falls_back_to_the_task_sen
         await session.end()
         assert producer._batcher.engine == "task" and producer.outstanding_frames == 0
     assert _seqs(await _audio(redis_client, session)) == list(range(20))
+
+
+async def test_nowait_frames_wait_the_interval_an_awaited_send_does_not(redis_client: aioredis.Redis) -> None:
+    """Frames handed over with send_nowait go out `flush_interval` after the previous round trip
+    (batching is the point); a caller that awaits a flush gets it `waited_flush_interval` after."""
+    async with Producer(redis_client, flush_interval=0.5, waited_flush_interval=0.01) as producer:
+        session = await producer.open_session("nowait-hurry")  # the previous round trip
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        session.send_nowait(marker_frame(0))
+        await asyncio.sleep(0.1)
+        assert producer.stats.frames == 0  # still waiting out the 0.5 s interval
+        await session.send_frame(marker_frame(1))  # awaited: brings that flush forward
+        assert loop.time() - started < 0.3
+        assert producer.stats.frames == 2
+        await session.end()
+    assert _seqs(await _audio(redis_client, session)) == [0, 1]
