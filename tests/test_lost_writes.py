@@ -33,7 +33,15 @@ async def test_commit_point_going_backwards_is_adopted_and_the_session_finishes(
         for n in range(100):
             await session.send_frame(marker_frame(n))
         await r.producer.flush()
-        await wait_finals(r.redis, sid, 2)
+        # Every frame sent so far committed (4 finals of 25 frames): the owner is idle, so no commit
+        # of its own can land between the rewind below and its check (a final committed after the
+        # test read the results would survive the rewind and then be published again: a duplicate
+        # the test caused, not the worker; it failed about 1 run in 20 that way).
+        await wait_finals(r.redis, sid, 4)
+        deadline = time.monotonic() + 20
+        while await r.redis.hget(sk.state, "committed_seq") != b"99":
+            assert time.monotonic() < deadline, "the first 100 frames were never all committed"
+            await asyncio.sleep(0.02)
         # What Redis looks like after losing its last writes: the commit point and the finals
         # published after the first one are gone. The owner does not know.
         results = await r.redis.xrange(sk.results)

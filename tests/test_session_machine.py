@@ -506,6 +506,8 @@ class World:
             max_frames_per_message=self.rng.randint(1, 5),
             max_gap_frames=3,
             max_retries=1000,
+            # Frames held back by the send interval must go out, in order, or be replayed.
+            send_interval=self.rng.choice([0.0, 0.0, 0.04, 0.08]),
         )
         self._new_owner()
 
@@ -673,10 +675,55 @@ def test_model_random_interleavings_keep_every_guarantee(seed: int) -> None:
 
 
 def test_send_interval_holds_live_frames_to_send_them_together() -> None:
-    m = live_machine(sm.Rules(frame_bytes=FB, catchup_speed=0, send_interval=0.06))
+    m = live_machine(sm.Rules(frame_bytes=FB, catchup_speed=0, send_interval=0.06))  # 3 frames
     assert m.live_wait(1.0) == 0.0
+    # Inline: frames are held (recorded, not written) until three are there ...
+    assert m.live_inline([entry(0)], 1.0) == b""
+    assert m.live_inline([entry(1)], 1.02) == b""
+    assert m.ledger.written_seq == -1  # held frames are not on the wire: no final may cover them
+    payload = m.live_inline([entry(2)], 1.04)
+    assert payload is not None and [seq_of(payload[i : i + FB]) for i in range(0, len(payload), FB)] == [
+        0,
+        1,
+        2,
+    ]
+    assert m.ledger.written_seq == 2
+    # ... or until the first held one has waited the interval: then `tick` sends what there is.
+    assert m.live_inline([entry(3)], 1.10) == b""
+    assert m.next_tick_in(1.12) == pytest.approx(0.04)
+    assert sent(m.tick(1.13)) == []
+    assert sent(m.tick(1.17)) == [3]
+    # Anything through the slow path sends the held frames first, in stream order.
+    assert m.live_inline([entry(4)], 1.2) == b""
+    actions = m.live([entry(5), end_entry(6, 6)], 1.21)
+    assert sent(actions) == [4, 5] and isinstance(actions[-1], sm.CloseInput)
+
+
+def test_held_frames_are_replayed_not_lost_when_the_connection_fails() -> None:
+    m = live_machine(sm.Rules(frame_bytes=FB, catchup_speed=0, send_interval=0.08))
+    assert m.live_inline([entry(0), entry(1)], 1.0) == b""
+    m.failed(DROP, 1.01)
+    m.reconnecting()
+    m.commit_point(-1, b"0-0")
+    m.connected(1.2)
+    assert m.held == [] and sent(m.caught_up([entry(0), entry(1)], 1.2)) == [0, 1]
+
+
+def test_held_frames_go_out_before_a_catch_up_read_and_before_the_stream_closes() -> None:
+    rules = sm.Rules(frame_bytes=FB, catchup_speed=0, send_interval=0.08)
+    m = live_machine(rules)
+    assert m.live_inline([entry(0)], 1.0) == b""
+    actions = m.inbox_overflowed(1.01)  # back to reading from Redis, after the held frame
+    assert sent(actions) == [0] and actions[-1] == sm.ReadAudio(eid(0))
+    m = live_machine(rules)
+    assert m.live_inline([entry(0)], 1.0) == b""
+    actions = m.input_broken("the audio key is not a stream", 1.01)
+    assert sent(actions) == [0] and isinstance(actions[-1], sm.CloseInput)
+
+
+def test_the_slow_path_send_interval_still_gathers_frames() -> None:
+    m = live_machine(sm.Rules(frame_bytes=FB, catchup_speed=0, send_interval=0.06))
     assert sent(m.live([entry(0)], 1.0)) == [0]
     assert m.live_wait(1.02) == pytest.approx(0.04)
-    assert m.live_inline([entry(1)], 1.02) is None  # inline sending would defeat the interval
     actions = m.live([entry(1), entry(2), entry(3)], 1.06)
     assert [a.frames for a in of(sm.Send, actions)] == [3]

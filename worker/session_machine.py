@@ -349,6 +349,10 @@ class SessionMachine:
     backoff: Backoff = field(init=False)
     silence: bytes = field(init=False)
     turn_open: bool = False  # Flux: a turn started on this connection and has not ended
+    # With a send interval: live frames taken inline and recorded as sent, not written yet, so that
+    # they go out together (`live_inline`); `held_since` is when the first of them came in.
+    held: list[bytes] = field(default_factory=list)
+    held_since: float = 0.0
     configure: dict[str, str] = field(default_factory=dict)  # Flux: thresholds set mid-session
 
     def __post_init__(self) -> None:
@@ -456,6 +460,7 @@ class SessionMachine:
         self.request_id = request_id
         self.finalized_at = -1
         self.turn_open = False
+        self.held = []  # recorded as sent on the last connection, never written: replayed
         if self.closing is not None:
             # Input had already stopped (end marker, fatal input) when the connection failed:
             # replay up to the same point and close again. The catch-up read finds that point.
@@ -507,25 +512,32 @@ class SessionMachine:
             return []
         return self._fatal_input([], detail, now)
 
-    def inbox_overflowed(self) -> list[Action]:
+    def inbox_overflowed(self, now: float = 0.0) -> list[Action]:
         """The live reader's buffer overflowed (Deepgram slower than the producer): go back to
-        reading from Redis, where everything still is."""
+        reading from Redis, where everything still is (after the frames held back, sent first)."""
         if self.phase is not Phase.LIVE:
             return []
+        actions: list[Action] = []
+        self._flush_held(now, actions)
         self.phase = Phase.CATCHING_UP
-        return [ReadAudio(self.last_read_id)]
+        actions.append(ReadAudio(self.last_read_id))
+        return actions
 
     def live_inline(self, entries: list[Entry], now: float) -> bytes | None:
         """The hot path: fresh entries that are exactly the next well-formed frames, on a live
         connection with no pacing due, are sent from the reader's task as one message. Returns
         the payload (already recorded as sent), or None to decline (the entries then go through
-        `live`, which handles everything else)."""
-        if self.phase is not Phase.LIVE or self.rules.send_interval:
+        `live`, which handles everything else).
+
+        With a send interval the frames are held (recorded as sent, not written; b"" is returned)
+        until the interval's worth of frames is there, or the first held one has waited the whole
+        interval (`tick` sends them then): fewer, larger messages, still from the reader's task."""
+        if self.phase is not Phase.LIVE:
             return None
         rules = self.rules
         frame_bytes = rules.frame_bytes
         seq = self.ledger.next_seq
-        if len(entries) > rules.max_frames_per_message:
+        if len(entries) + len(self.held) > rules.max_frames_per_message:
             return None
         frames: list[bytes] = []
         for _, fields in entries:
@@ -550,11 +562,30 @@ class SessionMachine:
         self.last_read_id = entries[-1][0]
         self.last_input_at = now
         self.input_seen_to = entries[-1][0]
+        if rules.send_interval:
+            if not self.held:
+                self.held_since = now
+            self.held.extend(frames)
+            if len(self.held) < self.hold_frames and now - self.held_since < rules.send_interval:
+                return b""
+            frames, self.held = self.held, []
+            seconds = len(frames) * rules.frame_seconds
         # Written at once: the send that follows writes to the transport before its first await.
         self.ledger.mark_written(self.ledger.next_seq - 1)
         self.pacer.sent(seconds)
         self.clock.audio_sent(now)
         return frames[0] if len(frames) == 1 else b"".join(frames)
+
+    @property
+    def hold_frames(self) -> int:
+        """Frames per message a send interval aims at (40 ms of 20 ms frames: 2)."""
+        return max(1, round(self.rules.send_interval / self.rules.frame_seconds))
+
+    def _flush_held(self, now: float, actions: list[Action]) -> None:
+        """Frames held back by `live_inline` go out first: they are the last ones recorded."""
+        if self.held:
+            frames, self.held = self.held, []
+            self._flush(frames, now, actions)
 
     def _process(self, entries: list[Entry], now: float) -> list[Action]:
         """Decodes entries in stream order and turns them into actions."""
@@ -566,6 +597,7 @@ class SessionMachine:
         ledger = self.ledger
         rules = self.rules
         actions: list[Action] = []
+        self._flush_held(now, actions)  # before anything else is recorded: stream order
         batch: list[bytes] = []
         for index, (entry_id, fields) in enumerate(entries):
             self.last_read_id = entry_id
@@ -711,6 +743,7 @@ class SessionMachine:
         return self._stop_input(actions, closing, now)
 
     def _stop_input(self, actions: list[Action], closing: _Closing, now: float) -> list[Action]:
+        self._flush_held(now, actions)  # frames held back are sent before the stream is closed
         self.closing = closing
         self.closing_since = now
         self.phase = Phase.CLOSING
@@ -731,6 +764,8 @@ class SessionMachine:
             if now - self.closing_since >= self.rules.close_timeout:
                 return [Abort(Failure(False, "stalled", "Deepgram did not close after CloseStream"))]
             return actions
+        if self.held and now - self.held_since >= self.rules.send_interval:
+            self._flush_held(now, actions)
         if self.clock.keepalive_due(now):
             self.clock.keepalive_sent(now)
             if not self.rules.flux:  # Flux's protocol has no KeepAlive message
@@ -743,6 +778,8 @@ class SessionMachine:
     def next_tick_in(self, now: float) -> float:
         """How long the runner may wait for input before `tick` could have something to do."""
         wait = self.clock.next_check_in(now)
+        if self.held:
+            wait = min(wait, max(self.held_since + self.rules.send_interval - now, 0.001))
         if self.phase is Phase.LIVE:
             wait = min(wait, max(self.rules.idle_timeout - (now - self.last_input_at), 0.01))
         elif self.phase is Phase.CLOSING:

@@ -273,7 +273,7 @@ class SessionRunner:
                     queue.extend(machine.input_broken(reason, loop.time()))
                     continue
                 if self.inbox.overflowed:
-                    queue.extend(machine.inbox_overflowed())
+                    queue.extend(machine.inbox_overflowed(loop.time()))
                     continue
                 if self.inbox.entries:
                     wait = machine.live_wait(loop.time())
@@ -342,6 +342,13 @@ class SessionRunner:
         payload = self.machine.live_inline(entries, (self.loop or asyncio.get_running_loop()).time())
         if payload is None:
             return False
+        if not payload:
+            # Held back for the send interval: the session's own task sends them when the interval
+            # is over (tick), unless more frames make a message first. Wake it when a hold starts,
+            # so that it waits for that deadline rather than for its previous one.
+            if len(self.machine.held) == len(entries):
+                self.inbox.wake()
+            return True
         if write_binary(conn, payload):  # the common case: written now, no await, no task switch
             self._count_sent(len(entries), entries[-1][0])
             return True
