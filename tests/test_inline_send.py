@@ -70,3 +70,27 @@ async def test_inline_send_goes_out_only_below_the_low_water_mark() -> None:
     runner.parked_conn = slow = Conn(buffered=16 * 1024)
     assert not await runner.send_inline([frame_entry(1)])
     assert slow.sent == [] and runner.machine.ledger.next_seq == 1  # nothing recorded either
+
+
+async def test_a_frame_held_for_the_send_interval_goes_out_when_the_interval_is_over() -> None:
+    """With a send interval, a frame that no other frame joins (the end of speech, a pause) is sent
+    by the session's task when the interval is over: a timer wakes it. Without the timer the frame
+    would wait for the task's next check (the KeepAlive timer, seconds away)."""
+    import asyncio
+    import time
+
+    from tests.harness import rig
+
+    async with rig(send_interval_ms=80) as r:
+        session = await r.producer.open_session(sid="held-1")
+        await session.send_frame(marker_frame(0))
+        deadline = time.monotonic() + 10
+        while r.emulator.stats_json()["frames_received"] < 1:  # the session's connection opens first
+            assert time.monotonic() < deadline, "the frame never reached Deepgram"
+            await asyncio.sleep(0.01)
+        await session.send_frame(marker_frame(1))  # live now: held, alone
+        sent_at = time.monotonic()
+        while r.emulator.stats_json()["frames_received"] < 2:
+            assert time.monotonic() - sent_at < 1.0, "a held frame waited far past the send interval"
+            await asyncio.sleep(0.005)
+        await session.end()

@@ -41,6 +41,7 @@ INLINE_MAX_BUFFERED = 64 * 1024  # socket write buffer beyond which the reader s
 RECEIVER_STOP_SECONDS = 5.0  # bound on waiting for a cancelled receiver (a cancel can be lost)
 LAG_SAMPLE_EVERY = 8  # frame lag is observed on one message in 8: a histogram needs samples, not all
 RECANCEL_SECONDS = 0.05  # a receiver still running this long after cancel() is cancelled again
+HOLD_WAKE_SLACK_SECONDS = 0.001  # past the hold's deadline, so that the woken task finds it due
 
 T = TypeVar("T")
 
@@ -90,6 +91,7 @@ class SessionRunner:
         # The event loop, kept: asyncio.get_running_loop() checks os.getpid() on every call, and
         # glibc no longer caches getpid, so on the per-frame path it is a syscall each time.
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._hold_timer: asyncio.TimerHandle | None = None  # wakes the task for held frames
 
     @property
     def epoch(self) -> int:
@@ -118,6 +120,7 @@ class SessionRunner:
             await self._drive(self.machine.begin(now, started, error))
         finally:
             self.ctx.reader.unfollow(self.keys.audio)
+            self._cancel_hold_timer()
 
     async def _observe_claim(self) -> None:
         """Claim delay (a new session: epoch 1) or takeover gap (any later owner), for the metrics.
@@ -314,6 +317,16 @@ class SessionRunner:
         unacked = self.machine.ledger.unacked
         self._count_sent(action.frames, unacked[-1][1] if unacked else None)
 
+    def _hold_due(self) -> None:
+        self._hold_timer = None
+        if self.machine.held:
+            self.inbox.wake()
+
+    def _cancel_hold_timer(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+
     def _count_sent(self, frames: int, last_entry_id: bytes | None) -> None:
         METRICS.frames_sent.inc(frames)
         self._sends += 1
@@ -343,12 +356,17 @@ class SessionRunner:
         if payload is None:
             return False
         if not payload:
-            # Held back for the send interval: the session's own task sends them when the interval
-            # is over (tick), unless more frames make a message first. Wake it when a hold starts,
-            # so that it waits for that deadline rather than for its previous one.
+            # Held back for the send interval: more frames normally make a message first; if not,
+            # the session's own task sends what is held when the interval is over (tick). A timer
+            # wakes it then, only if frames are still held: waking it at every hold would cost a
+            # task switch per message, more than the fewer messages save.
             if len(self.machine.held) == len(entries):
-                self.inbox.wake()
+                machine = self.machine
+                due = machine.held_since + machine.rules.send_interval + HOLD_WAKE_SLACK_SECONDS
+                self._cancel_hold_timer()
+                self._hold_timer = (self.loop or asyncio.get_running_loop()).call_at(due, self._hold_due)
             return True
+        self._cancel_hold_timer()
         if write_binary(conn, payload):  # the common case: written now, no await, no task switch
             self._count_sent(len(entries), entries[-1][0])
             return True
