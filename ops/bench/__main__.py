@@ -39,6 +39,7 @@ import redis
 import redis.asyncio as aioredis
 
 from ops.bench import report as rep
+from ops.bench.loads import FLUX_FRAMES_PER_MESSAGE
 from ops.bench.procs import percentile, sample
 from producer import protocol as p
 from worker.redis_server import RedisCluster, RedisServer, free_port
@@ -273,7 +274,8 @@ class Bench:
             sessions,
             seconds,
             partitions=self.partitions,
-            frames_per_message_setting=frames_per_message,
+            # Flux: both patterns send 80 ms messages (the worker's Flux default), held on purpose.
+            frames_per_message_setting=FLUX_FRAMES_PER_MESSAGE if self.flux else frames_per_message,
         )
         result.redis_idle_cpu_pct = dict(self.idle_redis_pct)
         self.emulator_get("/_emulator/stats?reset=1")
@@ -355,7 +357,12 @@ class Bench:
         return result
 
     async def direct(self, sessions: int, seconds: float) -> PhaseResult:
-        result = PhaseResult("direct", sessions, seconds)
+        result = PhaseResult(
+            "direct",
+            sessions,
+            seconds,
+            frames_per_message_setting=FLUX_FRAMES_PER_MESSAGE if self.flux else 1,
+        )
         self.emulator_get("/_emulator/stats?reset=1")
         out = self.tmp / "direct.json"
         proc = await start_load(
