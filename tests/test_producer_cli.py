@@ -249,6 +249,20 @@ def test_event_line_formats() -> None:
     assert event_line(event("s", "speech_started", 0, start=1.5)) == "speech_started  s @1.50"
 
 
+def test_tail_shows_one_line_per_turn_end_and_marks_eager_ends() -> None:
+    """Flux sessions: `tail` prints each EndOfTurn, and each EagerEndOfTurn marked; the other turn
+    events (StartOfTurn, Update, TurnResumed) would flood a terminal and are not shown."""
+    turn = {"start": 1.0, "end": 2.5, "transcript": "book a table", "turn_index": 3}
+    assert event_line(event("s", "turn", 0, event="EndOfTurn", **turn)) == (
+        "turn            s [1.00–2.50] #3 book a table"
+    )
+    assert event_line(event("s", "turn", 0, event="EagerEndOfTurn", **turn)) == (
+        "turn            s [1.00–2.50] #3 (eager) book a table"
+    )
+    for quiet in ("StartOfTurn", "Update", "TurnResumed"):
+        assert event_line(event("s", "turn", 0, event=quiet, **turn)) is None
+
+
 def test_replay_creates_new_session_with_same_frames(
     redis_server: RedisServer, r: redis.Redis, tmp_path: Path
 ) -> None:
