@@ -14,7 +14,9 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +100,11 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # far above any real Results message; bound
 def decode(raw: str | bytes) -> Message:
     """One server message. Anything off-shape (not JSON, too deep, wrong types, non-finite times)
     is an UnknownMessage: skipped with a log line, never a broken connection or a crashed worker."""
+    return _dispatch(raw, _DECODERS)
+
+
+def _dispatch(raw: str | bytes, decoders: dict[str, Callable[[dict[str, Any]], T]]) -> T:
+    """Bounded JSON, then the decoder of its `type`; every failure is an UnknownMessage."""
     if len(raw) > MAX_MESSAGE_BYTES:
         raise UnknownMessage(f"message of {len(raw)} bytes is too large")
     try:
@@ -107,14 +114,13 @@ def decode(raw: str | bytes) -> Message:
         raise UnknownMessage("not a Deepgram message") from None
     if not isinstance(kind, str):
         raise UnknownMessage("message `type` is not a string")
-    decoder = _DECODERS.get(kind)
+    decoder = decoders.get(kind)
     if decoder is None:
         raise UnknownMessage(f"unknown message type {kind!r}")
     try:
-        message: Message = decoder(data)
+        return decoder(data)
     except Exception as exc:  # hostile input: any shape error is this one message's problem
         raise UnknownMessage(f"malformed {kind} message: {type(exc).__name__}") from None
-    return message
 
 
 def _time(value: Any) -> float:
@@ -246,23 +252,7 @@ MessageV2 = TurnInfo | Connected | ConfigureReply | FluxWarning | FatalError
 
 def decode_v2(raw: str | bytes) -> MessageV2:
     """One Flux server message; anything off-shape is an UnknownMessage, as for v1."""
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise UnknownMessage(f"message of {len(raw)} bytes is too large")
-    try:
-        data = json.loads(raw)
-        kind = data["type"]
-    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
-        raise UnknownMessage("not a Deepgram message") from None
-    if not isinstance(kind, str):
-        raise UnknownMessage("message `type` is not a string")
-    decoder = _DECODERS_V2.get(kind)
-    if decoder is None:
-        raise UnknownMessage(f"unknown message type {kind!r}")
-    try:
-        message: MessageV2 = decoder(data)
-    except Exception as exc:  # hostile input: any shape error is this one message's problem
-        raise UnknownMessage(f"malformed {kind} message: {type(exc).__name__}") from None
-    return message
+    return _dispatch(raw, _DECODERS_V2)
 
 
 def _number(value: Any) -> float:
