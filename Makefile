@@ -65,8 +65,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/voxqueue demo
 
-# The fast tier (everything but the chaos tests) runs in parallel: its tests mostly wait on real
-# processes. The chaos tier (marker `slow`) runs alone, since it measures timings under faults.
+# The fast tier (everything but the second tier) runs in parallel: its tests mostly wait on real
+# processes. The second tier (marker `slow`: chaos tests, which measure timings under faults, and
+# the CPU-heavy speech-engine and 10,000-session tests) runs alone.
 # pytest exits 5 when an -m/-k selection leaves a tier empty: that is not a failure here.
 test: $(STAMP)
 	@$(VENV_PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ] || exit $$rc

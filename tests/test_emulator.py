@@ -391,6 +391,7 @@ def _speech_pcm() -> bytes:
         return w.readframes(w.getnframes())
 
 
+@pytest.mark.slow  # CPU-heavy: runs in the second tier, alone
 @pytest.mark.skipif(not speech_available(), reason="pocketsphinx is not installed")
 async def test_speech_engine_recognises_spoken_words() -> None:
     pcm = bytes(16000) + _speech_pcm() + bytes(32000)  # 0.5 s before, 1 s after

@@ -175,6 +175,7 @@ def _linear16_48k_stereo(samples: array.array[int]) -> bytes:
 SAID = {"hello", "from", "sentence", "travels", "through", "streams", "recognise"}
 
 
+@pytest.mark.slow  # CPU-heavy: runs in the second tier, alone
 @pytest.mark.skipif(not speech_available(), reason="pocketsphinx is not installed")
 @pytest.mark.parametrize("kind", ["mulaw8k", "linear48k_stereo"])
 async def test_speech_engine_hears_the_sample_in_other_formats(kind: str) -> None:

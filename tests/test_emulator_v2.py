@@ -720,6 +720,7 @@ async def test_v1_and_v2_on_one_server(emu: EmulatorServer) -> None:
 # ------------------------------------------------------------------------------ speech engine
 
 
+@pytest.mark.slow  # CPU-heavy: runs in the second tier, alone
 @pytest.mark.skipif(not speech_available(), reason="pocketsphinx is not installed")
 async def test_speech_engine_turns() -> None:
     pcm = bytes(16000) + _speech_pcm() + bytes(32000)  # 0.5 s before, 1 s after

@@ -74,6 +74,7 @@ async def test_speech_session_ending_mid_speech_ends_cleanly(frames: int) -> Non
 
 
 @needs_speech
+@pytest.mark.slow  # CPU-heavy: runs in the second tier, alone
 @pytest.mark.parametrize("interim", [False, True])
 def test_speech_engine_answers_during_long_continuous_speech(interim: bool) -> None:
     """31 s of speech without a pause: the engine answers at least every ANSWER_EVERY_S of audio

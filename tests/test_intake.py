@@ -397,6 +397,7 @@ async def test_trim_drops_only_entries_nobody_needs(redis: aioredis.Redis) -> No
     assert await store.trim_sessions(KEYS.sessions(0)) == 0
 
 
+@pytest.mark.slow  # CPU-heavy: runs in the second tier, alone
 async def test_ten_thousand_session_entries_leave_the_stream_empty(redis_server: Any) -> None:
     """10,000 session entries through a real worker pool (duplicates of an ended session, rejected
     entries): the sessions stream ends empty instead of keeping every entry forever."""
