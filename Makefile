@@ -93,7 +93,7 @@ lock: $(STAMP)
 dashboard: $(STAMP)
 	$(VENV_PY) -m ops.grafana.dashboard
 
-# Needs matplotlib (pip install matplotlib): not in the dev extra, only this picture uses it.
+# Needs matplotlib (in the dev and bench extras).
 dashboard-png: $(STAMP)
 	mkdir -p build
 	$(VENV_PY) -m ops.grafana.plot record build/dashboard-run.json
