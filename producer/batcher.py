@@ -746,7 +746,12 @@ class _WireEngine(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         if self.transport is not None:
-            self.transport.close()
+            # With a flush in flight Redis may have stopped reading: a graceful close could then
+            # wait for a connection_lost that never comes and keep the socket open.
+            if self.inflight is not None:
+                self.transport.abort()
+            else:
+                self.transport.close()
             self.transport = None
         if self.inflight is not None:
             self.inflight.fail(ProducerError("producer closed before Redis acknowledged a flush"))
@@ -808,8 +813,11 @@ class _TaskEngine:
         self.wake.set()
 
     async def close(self) -> None:
+        inflight = self.inflight  # _flush_once forgets it when cancelled: fail its waiters here
         if self.task is not None:
             await cancel_and_wait(self.task)
+        if inflight is not None:
+            inflight.fail(ProducerError("producer closed before Redis acknowledged a flush"))
         conns, self.node_conns = list(self.node_conns.values()), {}
         for conn in conns:
             await conn.disconnect()

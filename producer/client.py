@@ -383,6 +383,11 @@ class ProducerSession:
         """
         if self.ended or self.failure is not None:
             self._check_open()
+        if type(pcm) is not bytes:
+            # len() of a memoryview counts items, not bytes (an int16 view of 640 samples is 1280
+            # bytes): packed as is, its RESP length would not match its payload. Converted before
+            # any seq is taken, so a buffer that cannot be read raises with nothing queued.
+            pcm = bytes(pcm)
         batcher = self._batcher
         chunker = self._chunker
         if len(pcm) == self._frame_bytes and not chunker.pending_bytes:

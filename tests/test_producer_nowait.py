@@ -317,3 +317,47 @@ async def test_nowait_frames_wait_the_interval_an_awaited_send_does_not(redis_cl
         assert producer.stats.frames == 2
         await session.end()
     assert _seqs(await _audio(redis_client, session)) == [0, 1]
+
+
+async def test_send_nowait_takes_any_buffer_by_its_bytes(redis_client: aioredis.Redis) -> None:
+    """A memoryview counts items, not bytes: an int16 view of 640 samples is two 640-byte frames,
+    not one (packed by its item count, its RESP length would not match its payload and the rest
+    would reach Redis as commands). A buffer that cannot be read takes no seq."""
+    import array
+
+    samples = array.array("h", range(640))  # 1280 bytes
+    async with Producer(redis_client) as producer:
+        session = await producer.open_session("nowait-view")
+        assert session.send_nowait(memoryview(samples)) == 2
+        assert session.send_nowait(bytearray(marker_frame(2))) == 1
+        with pytest.raises(TypeError):
+            session.send_nowait("not audio")  # type: ignore[arg-type]
+        assert session.frames_sent == 3
+        await session.end()
+    audio = await _audio(redis_client, session)
+    assert _seqs(audio) == [0, 1, 2]
+    assert audio[0][b"pcm"] + audio[1][b"pcm"] == samples.tobytes()
+    assert await redis_client.exists("injected") == 0 and await redis_client.dbsize() <= 3
+
+
+async def test_closing_the_task_sender_fails_a_flush_in_flight_instead_of_hanging_it(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task sender (Redis Cluster, or a connection it cannot take over): a close that cancels a
+    flush in flight tells that flush's waiters, rather than leaving them waiting forever."""
+
+    async def refuse(*_: object) -> None:
+        raise batcher._CannotTakeOver("not an asyncio stream (test)")
+
+    monkeypatch.setattr(batcher, "_take_over", refuse)
+    producer = Producer(redis_client)
+    session = await producer.open_session("nowait-close-inflight")
+    session.send_nowait(marker_frame(0))
+    pauser = aioredis.Redis(connection_pool=redis_client.connection_pool)
+    await pauser.execute_command("CLIENT", "PAUSE", "1500", "ALL")  # the flush now waits on Redis
+    ending = asyncio.create_task(session.end())
+    await asyncio.sleep(0.1)  # let the flush go out and wait for its reply
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(producer.aclose(), 0.2)  # the caller gives up on closing
+    with pytest.raises(ProducerError):
+        await asyncio.wait_for(ending, 5)
