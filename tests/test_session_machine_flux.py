@@ -511,3 +511,38 @@ def test_an_empty_turn_end_covering_nothing_new_is_ignored() -> None:
     feed(m, range(10))
     m.commit_result(m.message(end_of_turn(0.0, 0.2), 1.0)[0], "ok")
     assert m.message(end_of_turn(0.0, 0.2, text=""), 1.0) == []
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [dm.Connected("r"), dm.ConfigureReply(True), dm.FatalError("INTERNAL", "x"), dm.FluxWarning("W", "y")],
+)
+def test_a_server_that_greets_then_fails_is_not_retried_forever(greeting: Any) -> None:
+    """Flux sends Connected first on every connection (and answers a Configure, or sends an Error
+    before closing): none of these says the stream works, so a session with nothing to replay whose
+    connections keep failing after them still gives up after max_retries."""
+    rules = sm.Rules(frame_bytes=FB, catchup_speed=0, flux=True, max_retries=3, stall_seconds=1e9)
+    m = InstantSends("s1", rules, sm.Resume(1), rng=random.Random(1))
+    m.begin(0.0, STARTED)
+    now = 0.0
+    for _ in range(10):
+        m.commit_point(-1, b"0-0")
+        m.connected(now)
+        m.caught_up([], now)
+        m.message(greeting, now)
+        now += 1
+        actions = m.failed(Failure(False, "ws_1011", "internal error"), now)
+        if any(isinstance(a, sm.End) for a in actions):
+            assert m.attempts == 4
+            return
+        m.reconnecting()
+    raise AssertionError("retried forever")
+
+
+def test_absurd_times_are_refused_not_a_crash() -> None:
+    raw = (
+        '{"type":"TurnInfo","request_id":"r","sequence_id":3,"event":"Update","turn_index":0,'
+        '"audio_window_start":0,"audio_window_end":1e308,"transcript":"","words":[],"end_of_turn_confidence":0}'
+    )
+    with pytest.raises(dm.UnknownMessage):
+        dm.decode_v2(raw)

@@ -123,12 +123,16 @@ def _dispatch(raw: str | bytes, decoders: dict[str, Callable[[dict[str, Any]], T
         raise UnknownMessage(f"malformed {kind} message: {type(exc).__name__}") from None
 
 
+MAX_TIME_SECONDS = 1e9  # ~32 years: far past any session; bounds `t / frame seconds` arithmetic
+
+
 def _time(value: Any) -> float:
-    """A time in seconds from the server: a finite, non-negative number."""
+    """A time in seconds from the server: a finite, non-negative number, and not absurdly large
+    (1e308 / 0.02 overflows to inf, and int(inf) would crash the receiver)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError("time is not a number")
     t = float(value)
-    if not math.isfinite(t) or t < 0:
+    if not math.isfinite(t) or t < 0 or t > MAX_TIME_SECONDS:
         raise ValueError("time is not finite and non-negative")
     return t
 

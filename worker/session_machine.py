@@ -302,6 +302,10 @@ class Phase(Enum):
     ENDED = "ended"
 
 
+# Deepgram messages that answer audio: a connection that got one of these worked (`failed`).
+AUDIO_REPLIES = (dm.Results, dm.SpeechStarted, dm.UtteranceEnd, dm.Metadata, dm.TurnInfo)
+
+
 class MachineError(RuntimeError):
     """An input that is not allowed in the machine's current phase: a bug in the runner."""
 
@@ -793,18 +797,24 @@ class SessionMachine:
         if self.phase not in (Phase.CATCHING_UP, Phase.LIVE, Phase.CLOSING):
             return []
         self.clock.reply_received(now)
-        self.replies += 1
-        if isinstance(msg, dm.TurnInfo):
-            return self._turn_info(msg)
         if isinstance(msg, dm.Connected):
+            # Flux's greeting, on every connection before any audio: no sign the stream works, so
+            # not a reply for the retry rule (counted, a server that greets and then fails would
+            # look like progress every time and be retried forever).
             self.request_id = msg.request_id or self.request_id
             return []
-        if isinstance(msg, dm.ConfigureReply):
+        if isinstance(msg, dm.ConfigureReply):  # an answer to our Configure, not to audio
             if msg.ok:
                 return []
             self.errors += 1
             text = f"Deepgram refused a configure: {msg.code or 'no code'}: {msg.description}"[:500]
             return [Publish(self.events.error("configure_failed", text, False, self.errors))]
+        if isinstance(msg, AUDIO_REPLIES):
+            # Only answers to audio count for the retry rule: an error message before a close
+            # would otherwise make every failing connection look like progress.
+            self.replies += 1
+        if isinstance(msg, dm.TurnInfo):
+            return self._turn_info(msg)
         if isinstance(msg, dm.FluxWarning | dm.FatalError):
             what = "deepgram_warning" if isinstance(msg, dm.FluxWarning) else "deepgram_error_message"
             return [Note(what, "warning", {"code": msg.code, "description": msg.description[:500]})]

@@ -350,7 +350,8 @@ class SessionRunner:
         # Only when the write cannot pause the transport: the send then never waits in drain, so
         # a socket that stopped draining can never hold the shared reader (the slow path sends it
         # from this session's own task). Below the low-water mark the transport is never paused.
-        if not _below_low_water(conn, len(entries) * self.machine.rules.frame_bytes):
+        frame_bytes = self.machine.rules.frame_bytes
+        if not _below_low_water(conn, (len(entries) + len(self.machine.held)) * frame_bytes):
             return False
         payload = self.machine.live_inline(entries, (self.loop or asyncio.get_running_loop()).time())
         if payload is None:
@@ -367,14 +368,15 @@ class SessionRunner:
                 self._hold_timer = (self.loop or asyncio.get_running_loop()).call_at(due, self._hold_due)
             return True
         self._cancel_hold_timer()
+        frames = len(payload) // frame_bytes  # with frames held before, more than these entries
         if write_binary(conn, payload):  # the common case: written now, no await, no task switch
-            self._count_sent(len(entries), entries[-1][0])
+            self._count_sent(frames, entries[-1][0])
             return True
         generation = self.generation
         self.inline_busy = True
         try:
             await conn.send_media(payload)
-            self._count_sent(len(entries), entries[-1][0])
+            self._count_sent(frames, entries[-1][0])
         except Exception as exc:
             if generation == self.generation:
                 self.inline_error = exc
