@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .events import ChannelTagged, Engine, Event
+from .events import ChannelTagged, Engine, Event, FrameCutter
 
 
 def deinterleave(data: bytes, channels: int, width: int) -> list[bytes]:
@@ -31,7 +31,7 @@ class ChannelSplitter:
         self._engines = list(engines)
         self._width = width
         self._group = width * len(self._engines)
-        self._rest = b""
+        self._cutter = FrameCutter(self._group)  # a partial sample group waits for the rest
         self.blocking = any(e.blocking for e in self._engines)
         self.lag_ns: list[int] = []
 
@@ -46,10 +46,7 @@ class ChannelSplitter:
         return out
 
     def feed(self, data: bytes, now_ns: int = 0) -> list[Event]:
-        if self._rest:
-            data = self._rest + data
-        whole = len(data) - len(data) % self._group
-        self._rest = data[whole:]
+        data, whole = self._cutter.take(data)
         if not whole:
             return []
         parts = deinterleave(data[:whole], len(self._engines), self._width)

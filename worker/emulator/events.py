@@ -18,6 +18,29 @@ FRAME_MS = 20
 SAMPLE_WIDTH = {"linear16": 2, "mulaw": 1, "alaw": 1}
 
 
+class FrameCutter:
+    """Cuts a connection's byte stream into whole units (frames, or sample groups): a partial unit
+    waits for the rest of its bytes in the next message, as on Deepgram, where message boundaries
+    carry no meaning."""
+
+    __slots__ = ("rest", "unit")
+
+    def __init__(self, unit: int) -> None:
+        self.unit = unit
+        self.rest = b""
+
+    def take(self, data: bytes) -> tuple[bytes, int]:
+        """`data` after what was left over, and how many of its leading bytes are whole units (the
+        remainder is kept for the next call)."""
+        if self.rest:
+            data = self.rest + data
+            self.rest = b""
+        whole = len(data) - len(data) % self.unit
+        if whole != len(data):
+            self.rest = data[whole:]
+        return data, whole
+
+
 def frame_bytes_for(sample_rate: int, channels: int, sample_width: int = 2) -> int:
     return sample_rate * channels * sample_width * FRAME_MS // 1000
 

@@ -48,7 +48,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from .events import FRAME_MS, BadAudio, Word, frame_bytes_for
+from .events import FRAME_MS, BadAudio, FrameCutter, Word, frame_bytes_for
 from .marker import BAD_AUDIO_MAGIC, BAD_AUDIO_REASON, MARKER_MAGIC, _t
 from .options import Thresholds
 
@@ -117,7 +117,7 @@ class FluxMarkerEngine:
         if self.frame_bytes <= FLAGS_OFFSET:
             raise ValueError("sample rate too low for marker frames")
         self.set_thresholds(thresholds or Thresholds())
-        self._rest = b""  # a partial frame waiting for its remaining bytes
+        self._cutter = FrameCutter(self.frame_bytes)  # a partial frame waits for its remaining bytes
         self.frames = 0  # complete frames consumed since the connection started
         self.turn_index = 0
         self._window_start = 0  # frame where the current (or next) turn's window starts
@@ -142,13 +142,8 @@ class FluxMarkerEngine:
 
     def feed(self, data: bytes, now_ns: int = 0) -> list[TurnEvent]:
         """Consume audio; return the events it completes. Raises BadAudio on a VQBADAUD frame."""
-        if self._rest:
-            data = self._rest + data
-            self._rest = b""
+        data, whole = self._cutter.take(data)
         fb = self.frame_bytes
-        whole = len(data) - len(data) % fb
-        if whole != len(data):
-            self._rest = data[whole:]
         events: list[TurnEvent] = []
         for off in range(0, whole, fb):
             index = self.frames

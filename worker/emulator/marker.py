@@ -33,7 +33,17 @@ import math
 import struct
 from typing import Final
 
-from .events import FRAME_MS, BadAudio, Event, SpeechStarted, Transcript, UtteranceEnd, Word, frame_bytes_for
+from .events import (
+    FRAME_MS,
+    BadAudio,
+    Event,
+    FrameCutter,
+    SpeechStarted,
+    Transcript,
+    UtteranceEnd,
+    Word,
+    frame_bytes_for,
+)
 
 MARKER_MAGIC: Final = b"VQMK"
 BAD_AUDIO_MAGIC: Final = b"VQBADAUD"
@@ -73,7 +83,7 @@ class MarkerEngine:
         self._vad = vad_events
         self._ue_frames = math.ceil(utterance_end_ms / FRAME_MS) if utterance_end_ms else 0
         self._ep_frames = max(1, math.ceil(endpointing_ms / FRAME_MS)) if endpointing_ms else 0
-        self._rest = b""  # a partial frame waiting for its remaining bytes
+        self._cutter = FrameCutter(self.frame_bytes)  # a partial frame waits for its remaining bytes
         self.frames = 0  # complete frames consumed since the connection started
         self._seg_start = 0  # first frame not yet covered by a final
         self._words: list[tuple[int, int]] = []  # (frame index, n) of the words since the last final
@@ -88,13 +98,8 @@ class MarkerEngine:
 
     def feed(self, data: bytes, now_ns: int = 0) -> list[Event]:
         """Consume audio; return the events it completes. Raises BadAudio on a VQBADAUD frame."""
-        if self._rest:
-            data = self._rest + data
-            self._rest = b""
+        data, whole = self._cutter.take(data)
         fb = self.frame_bytes
-        whole = len(data) - len(data) % fb
-        if whole != len(data):
-            self._rest = data[whole:]
         events: list[Event] = []
         for off in range(0, whole, fb):
             index = self.frames
@@ -145,7 +150,7 @@ class MarkerEngine:
         return [self._final()] if self.frames > self._seg_start else []
 
     def audio_seconds(self) -> float:
-        return round((self.frames * self.frame_bytes + len(self._rest)) / self._bytes_per_second, 6)
+        return round((self.frames * self.frame_bytes + len(self._cutter.rest)) / self._bytes_per_second, 6)
 
     def release(self) -> None:
         self._words = []

@@ -40,7 +40,7 @@ from array import array
 from typing import Any, Final
 
 from . import g711
-from .events import BadAudio, Event, SpeechStarted, Transcript, UtteranceEnd, Word, seconds
+from .events import BadAudio, Event, FrameCutter, SpeechStarted, Transcript, UtteranceEnd, Word, seconds
 from .flux import (
     END_OF_TURN,
     LOW_CONFIDENCE,
@@ -125,7 +125,7 @@ class _ToMono16k:
         self._down = max(1, sample_rate // RATE) if integer else 1
         self._up = RATE // sample_rate if integer and sample_rate < RATE else 1
         self._block = 2 * channels * self._down
-        self._rest = b""
+        self._cutter = FrameCutter(self._block)  # a partial sample block waits for the rest
         self._last = 0  # previous output sample, for interpolation when upsampling
 
     def convert(self, data: bytes) -> bytes:
@@ -133,9 +133,7 @@ class _ToMono16k:
             data = g711.decode(self._g711, data)
         if self.passthrough:
             return data
-        data = self._rest + data
-        whole = len(data) - len(data) % self._block
-        self._rest = data[whole:]
+        data, whole = self._cutter.take(data)
         samples = array("h", data[:whole])
         if sys.byteorder == "big":
             samples.byteswap()
