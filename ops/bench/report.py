@@ -13,7 +13,7 @@ import contextlib
 import math
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -267,36 +267,41 @@ def plot(runs: list[tuple[str, dict[str, Any]]], stem: Path) -> list[Path]:
     paths = plot_paths(stem)
     styles = ["-", "--", ":", "-."]
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (run, curves) in enumerate(series.items()):
-        ls = styles[i % len(styles)]
-        for label, points in curves.items():
-            if label.startswith("worker") or label.startswith("producer") or label.startswith("direct"):
-                xs, ys = _xy(points, "cpu")
-                ax.plot(xs, ys, ls, marker="o", label=f"{label}{_run_label(run, series)}")
-    ax.set(xlabel="sessions S", ylabel="CPU µs per frame", title=f"CPU per frame\n{subtitle}")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths["cpu"], dpi=110)
-    plt.close(fig)
+    def lines(key: str, wanted: Callable[[str], bool], ylabel: str, title: str) -> Any:
+        """One curve per run and label `wanted` keeps, of `key` against S; the figure, to finish."""
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, (run, curves) in enumerate(series.items()):
+            ls = styles[i % len(styles)]
+            for label, points in curves.items():
+                if wanted(label):
+                    xs, ys = _xy(points, key)
+                    ax.plot(xs, ys, ls, marker="o", label=f"{label}{_run_label(run, series)}")
+        ax.set(xlabel="sessions S", ylabel=ylabel, title=f"{title}\n{subtitle}")
+        return fig, ax
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (run, curves) in enumerate(series.items()):
-        ls = styles[i % len(styles)]
-        for label, points in curves.items():
-            if label.startswith("pipeline") or label == "direct SDK":
-                xs, ys = _xy(points, "lag_p99")
-                ax.plot(xs, ys, ls, marker="o", label=f"{label}{_run_label(run, series)}")
+    def save(fig: Any, ax: Any, path: Path) -> None:
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+    fig, ax = lines(
+        "cpu",
+        lambda label: label.startswith(("worker", "producer", "direct")),
+        "CPU µs per frame",
+        "CPU per frame",
+    )
+    save(fig, ax, paths["cpu"])
+    fig, ax = lines(
+        "lag_p99",
+        lambda label: label.startswith("pipeline") or label == "direct SDK",
+        "frame lag p99 (ms)",
+        "Frame lag p99",
+    )
     ax.axhline(SUSTAIN_P99_MS, color="grey", lw=0.8, ls="--", label=f"{SUSTAIN_P99_MS:g} ms (1 f/msg limit)")
-    ax.set(xlabel="sessions S", ylabel="frame lag p99 (ms)", title=f"Frame lag p99\n{subtitle}")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths["lag"], dpi=110)
-    plt.close(fig)
+    save(fig, ax, paths["lag"])
 
     # Grouped bars, one group per S: a bar up to S where that pattern held real time, an "x" on
     # the axis where it did not (overlapping lines would hide each other).
