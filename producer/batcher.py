@@ -710,8 +710,8 @@ class _WireEngine(asyncio.Protocol):
                     await asyncio.sleep(b._backoff.compute(b._failures))
                     raise_if_cancelling()
                 try:
-                    conn, transport = await _take_over(b.redis, self)
-                except _CannotTakeOver as exc:
+                    conn, transport = await take_over(b.redis, self)
+                except CannotTakeOver as exc:
                     log.info("producer: sending through redis-py (%s)", exc)
                     engine = _TaskEngine(b)
                     b._engine = engine
@@ -758,11 +758,11 @@ class _WireEngine(asyncio.Protocol):
             self.inflight = None
 
 
-class _CannotTakeOver(Exception):
+class CannotTakeOver(Exception):
     """The client's connections are not plain asyncio streams: use redis-py to send."""
 
 
-async def _take_over(client: aioredis.Redis, protocol: asyncio.Protocol) -> tuple[Any, asyncio.Transport]:
+async def take_over(client: aioredis.Redis, protocol: asyncio.Protocol) -> tuple[Any, asyncio.Transport]:
     """A new connection of the client's pool settings (redis-py connects, authenticates, selects
     the database), whose socket `protocol` then reads and writes instead of redis-py.
 
@@ -770,14 +770,14 @@ async def _take_over(client: aioredis.Redis, protocol: asyncio.Protocol) -> tupl
     nor its finaliser closes the socket underneath us."""
     pool = getattr(client, "connection_pool", None)
     if pool is None:
-        raise _CannotTakeOver("the client has no connection pool")
+        raise CannotTakeOver("the client has no connection pool")
     conn = pool.make_connection()  # not taken from the pool: this one is ours for good
     await conn.connect()
     writer = getattr(conn, "_writer", None)
     transport = getattr(writer, "transport", None)
     if transport is None or not hasattr(transport, "set_protocol"):
         await conn.disconnect()
-        raise _CannotTakeOver(f"{type(conn).__name__} has no asyncio stream")
+        raise CannotTakeOver(f"{type(conn).__name__} has no asyncio stream")
     transport.set_protocol(protocol)
     # Ours now: redis-py must not read it or close it. The StreamWriter closes its transport when
     # it is garbage-collected, so the caller keeps it referenced as long as it uses the socket.

@@ -1,6 +1,7 @@
-"""Redis commands packed straight into RESP, for the two hot paths where redis-py's generic
-argument packing costs more than the work itself: the producer's XADD of a frame and the worker's
-XREAD over every stream it follows. Both have a fixed shape, so building the bytes is one join.
+"""Redis commands packed straight into RESP, for the hot paths where redis-py's generic argument
+packing costs more than the work itself: the producer's XADD of a frame, the worker's XREAD over
+every stream it follows, and the worker's fenced script calls on its commit path. Each has a fixed
+shape, so building the bytes is one join.
 """
 
 from __future__ import annotations
@@ -44,4 +45,25 @@ def pack_xreadgroup(group: str, consumer: str, count: int, block_ms: int, key: s
     """`XREADGROUP GROUP g c COUNT n BLOCK ms STREAMS key >`: one stream's new entries."""
     parts = [b"XREADGROUP", b"GROUP", group.encode(), consumer.encode(), b"COUNT", b"%d" % count]
     parts += [b"BLOCK", b"%d" % block_ms, b"STREAMS", key.encode(), b">"]
+    return pack(*parts)
+
+
+def pack(*parts: bytes) -> bytes:
+    """Any command whose arguments are bytes already."""
     return b"*%d\r\n" % len(parts) + b"".join([bulk(x) for x in parts])
+
+
+def pack_evalsha(sha: str, keys: list[str], args: list[bytes | str | int]) -> bytes:
+    """`EVALSHA sha numkeys key... arg...`: str as UTF-8, int in decimal, bytes as they are (what
+    redis-py's packer does for the same arguments)."""
+    head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args))
+    parts = [head, bulk(sha.encode()), bulk(b"%d" % len(keys))]
+    parts += [bulk(key.encode()) for key in keys]
+    for arg in args:
+        if isinstance(arg, bytes):
+            parts.append(bulk(arg))
+        elif isinstance(arg, int):  # bool is an int to redis-py too, but none is passed here
+            parts.append(bulk(b"%d" % arg))
+        else:
+            parts.append(bulk(arg.encode()))
+    return b"".join(parts)

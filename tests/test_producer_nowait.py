@@ -290,9 +290,9 @@ async def test_a_connection_that_cannot_be_taken_over_falls_back_to_the_task_sen
     works: the batcher sends through redis-py with its flusher task."""
 
     async def refuse(*_: object) -> None:
-        raise batcher._CannotTakeOver("not an asyncio stream (test)")
+        raise batcher.CannotTakeOver("not an asyncio stream (test)")
 
-    monkeypatch.setattr(batcher, "_take_over", refuse)
+    monkeypatch.setattr(batcher, "take_over", refuse)
     async with Producer(redis_client) as producer:
         session = await producer.open_session("nowait-fallback")
         for n in range(20):
@@ -347,9 +347,9 @@ async def test_closing_the_task_sender_fails_a_flush_in_flight_instead_of_hangin
     flush in flight tells that flush's waiters, rather than leaving them waiting forever."""
 
     async def refuse(*_: object) -> None:
-        raise batcher._CannotTakeOver("not an asyncio stream (test)")
+        raise batcher.CannotTakeOver("not an asyncio stream (test)")
 
-    monkeypatch.setattr(batcher, "_take_over", refuse)
+    monkeypatch.setattr(batcher, "take_over", refuse)
     producer = Producer(redis_client)
     session = await producer.open_session("nowait-close-inflight")
     session.send_nowait(marker_frame(0))

@@ -177,6 +177,7 @@ class WorkerPool:
                 sessions=len(self.unstopped),
                 sids=self.unstopped[:20],
             )
+        self.store.close()
         closing = [
             asyncio.ensure_future(client.aclose())
             for client in (self.redis, self.claim_redis, self.read_redis)
@@ -317,6 +318,7 @@ class WorkerPool:
             p.check_deployment(stored, self.keys)
         except p.DeploymentMismatch as exc:
             self.log.error("refusing to start: deployment settings differ", error=str(exc), key=key)
+            self.store.close()
             await _settled(
                 [asyncio.ensure_future(c.aclose()) for c in (self.redis, self.claim_redis, self.read_redis)],
                 CLIENT_CLOSE_SECONDS,

@@ -8,16 +8,18 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
 from redis.exceptions import AskError, ClusterDownError, ResponseError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from producer import protocol as p
-from producer.cluster import cluster_client, split_url
+from producer.cluster import cluster_client, is_cluster, split_url
 from worker import lua
 from worker.events import now_ms
 from worker.ledger import Commit
+from worker.script_channel import ScriptChannel, Unusable
 
 # A cluster mid-failover or mid-reshard (CLUSTERDOWN, TRYAGAIN, a slot no master serves yet,
 # MOVED/ASK past the client's own retries) is an outage like a dropped connection: wait it out.
@@ -128,6 +130,9 @@ class SessionStore:
         self.keys = keys
         self.maxlen = str(results_maxlen)
         self.retention = str(retention)
+        # The commit path (COMMIT, PUBLISH): pipelined on a connection of its own, except on a
+        # cluster, whose routing redis-py does (worker/script_channel.py).
+        self.channel = None if is_cluster(redis) else ScriptChannel(redis)
         self._acquire = redis.register_script(lua.ACQUIRE)
         self._commit = redis.register_script(lua.COMMIT)
         self._publish = redis.register_script(lua.PUBLISH)
@@ -181,12 +186,27 @@ class SessionStore:
         return await self._run_commit(sk, _commit_args(epoch, commit, event, self.maxlen))
 
     async def _run_commit(self, sk: p.SessionKeys, args: list[Any]) -> str:
-        result = _s(await self._commit(keys=[sk.state, sk.results, sk.partition_results], args=args))
+        result = _s(await self._hot(self._commit, [sk.state, sk.results, sk.partition_results], args))
         if result == "fenced":
             raise await self.fenced(sk)
         if result == "stale":
             raise StaleCommitPoint(sk.sid)
         return result
+
+    async def _hot(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """A script call of the commit path: through the pipelined channel when it can be used."""
+        channel = self.channel
+        if channel is not None and channel.usable:
+            try:
+                return await channel.call(script, keys, args)
+            except Unusable:
+                pass  # it said so once; `usable` is False from now on
+        return await script(keys=keys, args=args)
+
+    def close(self) -> None:
+        """Closes the commit path's own connection (the client's pool is closed by its owner)."""
+        if self.channel is not None:
+            self.channel.close()
 
     async def commit_point(self, sk: p.SessionKeys, epoch: int) -> tuple[int, bytes, int]:
         """The session's commit point as Redis has it, and its count of published finals (fenced:
@@ -232,7 +252,7 @@ class SessionStore:
             fields[p.R_TEXT],
             fields[p.R_EVENT],
         ]
-        result = _s(await self._publish(keys=[sk.state, sk.results, sk.partition_results], args=args))
+        result = _s(await self._hot(self._publish, [sk.state, sk.results, sk.partition_results], args))
         if result == "fenced":
             raise await self.fenced(sk)
         return result

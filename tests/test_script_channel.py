@@ -1,0 +1,182 @@
+"""The commit path's pipelined connection (worker/script_channel.py), against a real redis-server:
+calls of one loop iteration share a write, replies reach their own callers (also after a caller
+gave up), Redis's errors arrive as redis-py's exceptions, a lost connection fails the calls in
+flight with ConnectionError and the next call reconnects, a forgotten script is loaded again, and
+a client whose connections cannot be taken over leaves the calls to redis-py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from producer import batcher
+from producer import protocol as p
+from producer.resp import pack_evalsha
+from tests.harness import bounded
+from tests.test_fencing import KEYS, final, start_session, store_for
+from worker.ledger import Commit
+from worker.redis_server import RedisServer
+from worker.script_channel import ScriptChannel
+from worker.store import Fenced, connect_redis
+
+ECHO = "return {KEYS[1], ARGV[1], ARGV[2]}"
+# Keeps Redis busy for 0.3 s, so that a call is certainly in flight while the server goes away.
+BUSY_300_MS = """
+local t = redis.call('TIME')
+while true do
+  local n = redis.call('TIME')
+  if (n[1] - t[1]) * 1000000 + n[2] - t[2] > 300000 then return 1 end
+end"""
+TIMEOUT = 10.0
+
+
+def count_writes(channel: ScriptChannel) -> list[int]:
+    """How many bytes each write of the channel's socket carried (the transport's own write,
+    wrapped: what is counted is our calls, not Redis)."""
+    assert channel.transport is not None
+    sizes: list[int] = []
+    write = channel.transport.write
+
+    def counted(data: Any) -> None:
+        sizes.append(len(data))
+        write(data)
+
+    channel.transport.write = counted  # type: ignore[method-assign]
+    return sizes
+
+
+def test_evalsha_is_packed_as_redis_py_packs_it() -> None:
+    packed = pack_evalsha("ab" * 20, ["k1", "ké"], [7, "ü", b"\x00\xff", ""])
+    expected = (
+        aioredis.Redis()
+        .connection_pool.connection_class()
+        .pack_command("EVALSHA", "ab" * 20, 2, "k1", "ké", 7, "ü", b"\x00\xff", "")
+    )
+    assert packed == b"".join(expected)
+
+
+async def test_calls_of_one_iteration_share_one_write_and_each_gets_its_reply(
+    redis_client: aioredis.Redis,
+) -> None:
+    channel = ScriptChannel(redis_client)
+    script = redis_client.register_script(ECHO)
+    assert await bounded(channel.call(script, ["k"], [0, "first"]), TIMEOUT, "call") == [b"k", b"0", b"first"]
+    writes = count_writes(channel)
+    replies = await bounded(
+        asyncio.gather(*(channel.call(script, [f"key{i}"], [i, b"x" * i]) for i in range(50))),
+        TIMEOUT,
+        "50 calls",
+    )
+    assert replies == [[f"key{i}".encode(), b"%d" % i, b"x" * i] for i in range(50)]
+    assert len(writes) == 1  # fifty calls, one write
+    channel.close()
+
+
+async def test_a_caller_that_gave_up_does_not_shift_the_replies_of_the_others(
+    redis_client: aioredis.Redis,
+) -> None:
+    channel = ScriptChannel(redis_client)
+    script = redis_client.register_script(ECHO)
+    await bounded(channel.call(script, ["k"], [0, ""]), TIMEOUT, "connect")
+    gone = asyncio.create_task(channel.call(script, ["gone"], [1, "a"]))
+    kept = asyncio.create_task(channel.call(script, ["kept"], [2, "b"]))
+    await asyncio.sleep(0)  # both queued; the write happens after this iteration
+    gone.cancel()
+    assert await bounded(kept, TIMEOUT, "kept") == [b"kept", b"2", b"b"]
+    assert await bounded(channel.call(script, ["next"], [3, "c"]), TIMEOUT, "next") == [b"next", b"3", b"c"]
+    channel.close()
+
+
+async def test_redis_errors_arrive_as_redis_py_exceptions(redis_client: aioredis.Redis) -> None:
+    channel = ScriptChannel(redis_client)
+    await redis_client.set("a-string", "x")
+    wrongtype = redis_client.register_script("return redis.call('XLEN', KEYS[1])")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await bounded(channel.call(wrongtype, ["a-string"], []), TIMEOUT, "wrongtype")
+    refused = redis_client.register_script("return redis.error_reply('MYERR refused here')")
+    with pytest.raises(ResponseError, match="refused here"):
+        await bounded(channel.call(refused, [], []), TIMEOUT, "error reply")
+    # and the connection is still in step: the next reply is the next call's
+    ok = redis_client.register_script(ECHO)
+    assert await bounded(channel.call(ok, ["k"], [1, "y"]), TIMEOUT, "after errors") == [b"k", b"1", b"y"]
+    channel.close()
+
+
+async def test_a_script_redis_forgot_is_loaded_again(redis_client: aioredis.Redis) -> None:
+    channel = ScriptChannel(redis_client)
+    script = redis_client.register_script(ECHO)
+    assert await bounded(channel.call(script, ["k"], [1, "a"]), TIMEOUT, "first") == [b"k", b"1", b"a"]
+    await redis_client.script_flush()
+    assert await bounded(channel.call(script, ["k"], [2, "b"]), TIMEOUT, "after flush") == [b"k", b"2", b"b"]
+    channel.close()
+
+
+async def test_a_lost_connection_fails_the_calls_in_flight_and_the_next_call_reconnects(
+    redis_server: RedisServer,
+) -> None:
+    client = connect_redis(redis_server.url)  # as the worker's: its pool rides out a dead connection
+    try:
+        channel = ScriptChannel(client)
+        busy = client.register_script(BUSY_300_MS)
+        await bounded(channel.call(busy, [], []), TIMEOUT, "connect")
+        in_flight = asyncio.create_task(channel.call(busy, [], []))
+        await bounded(_written(channel), TIMEOUT, "the call written")
+        redis_server.stop(kill=True)  # with the call written and not answered
+        with pytest.raises(RedisConnectionError):
+            await bounded(in_flight, TIMEOUT, "in flight")
+        redis_server.start()  # a new Redis process: it knows no script either
+        echo = client.register_script(ECHO)
+        assert await bounded(channel.call(echo, ["k"], [1, "z"]), TIMEOUT, "reconnected") == [
+            b"k",
+            b"1",
+            b"z",
+        ]
+        channel.close()
+    finally:
+        await bounded(client.aclose(), 5, "closing the client")
+
+
+async def test_the_channel_authenticates_as_the_client_does(redis_server: RedisServer) -> None:
+    admin = aioredis.Redis.from_url(redis_server.url)
+    await admin.config_set("requirepass", "s3cret/with?odd#chars")
+    await admin.aclose()
+    client = aioredis.Redis(host="127.0.0.1", port=redis_server.port, password="s3cret/with?odd#chars")
+    try:
+        channel = ScriptChannel(client)
+        script = client.register_script(ECHO)
+        assert await bounded(channel.call(script, ["k"], [1, "a"]), TIMEOUT, "authed") == [b"k", b"1", b"a"]
+        channel.close()
+    finally:
+        await client.aclose()
+
+
+async def test_without_a_takeable_connection_the_store_commits_through_redis_py(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(client: aioredis.Redis, protocol: asyncio.Protocol) -> Any:
+        raise batcher.CannotTakeOver("not an asyncio stream (test)")
+
+    monkeypatch.setattr("worker.script_channel.take_over", refuse)
+    store = store_for(redis_client)
+    sk = KEYS.session("s")
+    entry = await start_session(redis_client, "s", "w1")
+    await redis_client.xadd(sk.audio, p.frame_fields(0, bytes(640)))
+    first = await store.acquire(sk, "w1", 5, entry)
+    commit = store.commit(sk, first.epoch, Commit(0, 24, b"1-24"), final("s", 0, 24))
+    assert await bounded(commit, TIMEOUT, "commit") == "ok"
+    assert store.channel is not None and not store.channel.usable
+    assert await redis_client.xlen(sk.results) >= 1
+    assert await redis_client.hget(sk.state, "committed_seq") == b"24"
+    # and fencing still holds on that path
+    with pytest.raises(Fenced):
+        await store.commit(sk, first.epoch + 1, Commit(25, 49, b"1-49"), final("s", 25, 49))
+
+
+async def _written(channel: ScriptChannel) -> None:
+    while not channel._inflight:
+        await asyncio.sleep(0)
