@@ -68,7 +68,7 @@ class ScriptChannel(asyncio.Protocol):
             # A restarted or flushed Redis forgot the script: load it, then call it again (the
             # refused call ran nothing, so calling again is no repetition). On this connection:
             # redis-py's pool may still hold connections to the Redis that went away.
-            source = script.script if isinstance(script.script, bytes) else script.script.encode()
+            source = script.script.encode() if isinstance(script.script, str) else bytes(script.script)
             await self._send(pack(b"SCRIPT", b"LOAD", source))
             return await self._send(packed)
 
