@@ -7,6 +7,7 @@ a client whose connections cannot be taken over leaves the calls to redis-py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -180,3 +181,96 @@ async def test_without_a_takeable_connection_the_store_commits_through_redis_py(
 async def _written(channel: ScriptChannel) -> None:
     while not channel._inflight:
         await asyncio.sleep(0)
+
+
+async def test_a_call_while_redis_is_down_fails_with_a_connection_error(redis_server: RedisServer) -> None:
+    client = connect_redis(redis_server.url, retries=0)
+    try:
+        channel = ScriptChannel(client)
+        script = client.register_script(ECHO)
+        redis_server.stop(kill=True)
+        with pytest.raises(RedisConnectionError):
+            await bounded(channel.call(script, ["k"], [1, "a"]), TIMEOUT, "call with Redis down")
+        assert channel.usable  # an outage is not a reason to give the channel up
+        redis_server.start()
+        assert await bounded(channel.call(script, ["k"], [2, "b"]), TIMEOUT, "after") == [b"k", b"2", b"b"]
+        channel.close()
+    finally:
+        await bounded(client.aclose(), 5, "closing the client")
+
+
+def test_a_channel_used_from_a_new_event_loop_connects_again(redis_server: RedisServer) -> None:
+    """A connection belongs to the loop that opened it (pytest-asyncio gives every test its own)."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    channel = ScriptChannel(client)
+    script = client.register_script(ECHO)
+    for run in range(2):
+        reply = asyncio.run(asyncio.wait_for(channel.call(script, ["k"], [run, "x"]), TIMEOUT))
+        assert reply == [b"k", b"%d" % run, b"x"]
+    channel.close()
+
+
+async def test_close_fails_the_calls_in_flight(redis_client: aioredis.Redis) -> None:
+    channel = ScriptChannel(redis_client)
+    busy = redis_client.register_script(BUSY_300_MS)
+    await bounded(channel.call(busy, [], []), TIMEOUT, "connect")
+    in_flight = asyncio.create_task(channel.call(busy, [], []))
+    await bounded(_written(channel), TIMEOUT, "the call written")
+    channel.close()
+    with pytest.raises(RedisConnectionError):
+        await bounded(in_flight, TIMEOUT, "in flight at close")
+
+
+class HostileServer:
+    """Answers redis-py's connection handshake with +OK, then every EVALSHA with `answer`:
+    what a broken proxy or a corrupted stream could send."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        parser = __import__("hiredis").Reader()
+        try:
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    writer.write(self.answer if command[0].upper() == b"EVALSHA" else b"+OK\r\n")
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"?what\r\n", b":1\r\n:2\r\n"],  # not RESP; a reply more than the calls
+    ids=["unreadable", "unsolicited"],
+)
+async def test_a_reply_that_breaks_the_protocol_drops_the_connection(answer: bytes) -> None:
+    hostile = HostileServer(answer)
+    server = await asyncio.start_server(hostile.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aioredis.Redis(host="127.0.0.1", port=port)
+    try:
+        channel = ScriptChannel(client)
+        script = client.register_script(ECHO)
+        if answer.startswith(b"?"):
+            with pytest.raises(RedisConnectionError):
+                await bounded(channel.call(script, ["k"], [1, "a"]), TIMEOUT, "unreadable reply")
+        else:  # the first reply is taken as the call's; the extra one drops the connection
+            assert await bounded(channel.call(script, ["k"], [1, "a"]), TIMEOUT, "first") == 1
+            await bounded(_dropped(channel), TIMEOUT, "the connection dropped")
+        assert channel.transport is None
+        with contextlib.suppress(RedisConnectionError):
+            await bounded(channel.call(script, ["k"], [2, "b"]), TIMEOUT, "next call")
+        assert hostile.connections == 2  # the next call connected again
+        channel.close()
+    finally:
+        await bounded(client.aclose(), 5, "closing the client")
+        server.close()
+        await bounded(server.wait_closed(), 5, "closing the server")
+
+
+async def _dropped(channel: ScriptChannel) -> None:
+    while channel.transport is not None:
+        await asyncio.sleep(0.01)

@@ -176,7 +176,10 @@ class ScriptChannel(asyncio.Protocol):
             self._flush_handle.cancel()
             self._flush_handle = None
         if self.transport is not None:
-            self.transport.abort()  # in flight or not, nothing here waits for a graceful close
+            # In flight or not, nothing here waits for a graceful close. A transport whose loop
+            # has closed is gone with it.
+            with contextlib.suppress(RuntimeError):
+                self.transport.abort()
 
 
 class Unusable(Exception):
