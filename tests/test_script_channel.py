@@ -274,3 +274,34 @@ async def test_a_reply_that_breaks_the_protocol_drops_the_connection(answer: byt
 async def _dropped(channel: ScriptChannel) -> None:
     while channel.transport is not None:
         await asyncio.sleep(0.01)
+
+
+async def _close_once_queued(channel: ScriptChannel) -> None:
+    """Closes the channel in the loop iteration where a call is queued, before its flush."""
+    while not channel._pending:
+        await asyncio.sleep(0)
+    assert channel.transport is None
+    channel.close()
+
+
+async def test_close_fails_a_call_queued_after_its_connection_dropped(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection lost as soon as it is made (Redis going away right after the handshake): the
+    caller that waited for it queues its call with no transport, and close() comes before the
+    flush. The call must fail, not wait forever (nor be written later on another connection)."""
+    real_take_over = batcher.take_over
+
+    async def dropped_at_once(client: aioredis.Redis, protocol: asyncio.Protocol) -> Any:
+        conn, transport = await real_take_over(client, protocol)
+        transport.abort()
+        return conn, transport
+
+    monkeypatch.setattr("worker.script_channel.take_over", dropped_at_once)
+    channel = ScriptChannel(redis_client)
+    script = redis_client.register_script(ECHO)
+    call = asyncio.create_task(channel.call(script, ["k"], [1, "a"]))
+    await bounded(_close_once_queued(channel), TIMEOUT, "the call queued")
+    with pytest.raises(RedisConnectionError):
+        await bounded(call, 1, "the call queued at close")
+    assert not channel._pending

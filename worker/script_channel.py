@@ -175,6 +175,11 @@ class ScriptChannel(asyncio.Protocol):
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        # Queued, now never to be written: fail them here, as with no transport no connection_lost
+        # will (a connection lost just before their flush). Their loop may be closed (tests).
+        queued, self._pending, self._pending_futures = self._pending_futures, [], []
+        with contextlib.suppress(RuntimeError):
+            _fail(queued, RedisConnectionError("the commit path was closed before the call was sent"))
         if self.transport is not None:
             # In flight or not, nothing here waits for a graceful close. A transport whose loop
             # has closed is gone with it.
