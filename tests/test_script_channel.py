@@ -305,3 +305,30 @@ async def test_close_fails_a_call_queued_after_its_connection_dropped(
     with pytest.raises(RedisConnectionError):
         await bounded(call, 1, "the call queued at close")
     assert not channel._pending
+
+
+async def _clients_back_to(redis_client: aioredis.Redis, count: int) -> None:
+    while len(await redis_client.client_list()) != count:
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("iterations", [1, 4], ids=["connect-requested", "handshake-under-way"])
+async def test_close_while_connecting_leaves_no_connection_open(
+    redis_client: aioredis.Redis, iterations: int
+) -> None:
+    """close() while the connect is under way (a session cancelled at shutdown left it running):
+    the connection it makes is nobody's any more. It is closed, and the call waiting for it fails
+    as a call in flight at close does."""
+    before = len(await redis_client.client_list())
+    channel = ScriptChannel(redis_client)
+    script = redis_client.register_script(ECHO)
+    call = asyncio.create_task(channel.call(script, ["k"], [1, "a"]))
+    for _ in range(iterations):
+        await asyncio.sleep(0)
+    assert channel._open_task is not None and not channel._open_task.done()
+    channel.close()
+    with pytest.raises(RedisConnectionError):
+        await bounded(call, TIMEOUT, "the call waiting for the connect")
+    assert channel.transport is None
+    await bounded(_clients_back_to(redis_client, before), 1, "the connection closed")
+    assert len(await redis_client.client_list()) == before

@@ -57,6 +57,7 @@ class ScriptChannel(asyncio.Protocol):
         self._pending_futures: list[asyncio.Future[Any]] = []
         self._inflight: deque[asyncio.Future[Any]] = deque()  # written, in reply order
         self._flush_handle: asyncio.Handle | None = None
+        self._closes = 0  # close() calls so far: a connect that spans one hands its socket back
 
     async def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """The script's reply, as redis-py's `script(keys=..., args=...)` would return it (bytes
@@ -92,13 +93,18 @@ class ScriptChannel(asyncio.Protocol):
         connecting = self._connecting
         if connecting is None:
             connecting = self._connecting = loop.create_future()
-            self._open_task = loop.create_task(self._open(connecting))
+            self._open_task = loop.create_task(self._open(connecting, self._closes))
         # Shielded: one caller's cancellation must not cancel the connect the others wait for.
         await asyncio.shield(connecting)
 
-    async def _open(self, done: asyncio.Future[None]) -> None:
+    async def _open(self, done: asyncio.Future[None], closes: int) -> None:
         try:
-            self._conn, self.transport = await take_over(self.client, self)
+            conn, transport = await take_over(self.client, self)
+            if self._closes != closes:  # closed meanwhile: this connection is nobody's
+                transport.set_protocol(asyncio.Protocol())  # its connection_lost is not ours
+                transport.abort()
+                raise RedisConnectionError("the commit path was closed while connecting")
+            self._conn, self.transport = conn, transport
             self._reader = _reader()
         except CannotTakeOver as exc:
             self.usable = False
@@ -171,7 +177,9 @@ class ScriptChannel(asyncio.Protocol):
         self._pending, self._pending_futures, self._flush_handle = [], [], None
 
     def close(self) -> None:
-        """Closes the connection; calls in flight fail with ConnectionError."""
+        """Closes the connection (and the one being made); calls in flight fail with
+        ConnectionError."""
+        self._closes += 1
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
