@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import batcher
 from producer import protocol as p
@@ -332,3 +335,31 @@ async def test_close_while_connecting_leaves_no_connection_open(
     assert channel.transport is None
     await bounded(_clients_back_to(redis_client, before), 1, "the connection closed")
     assert len(await redis_client.client_list()) == before
+
+
+async def test_a_redis_that_stops_answering_times_the_calls_out_as_redis_py_does(
+    redis_server: RedisServer,
+) -> None:
+    """With a socket timeout on the client, redis-py gives up on a reply after that long
+    (TimeoutError, which the callers' retry loops wait out): so does the channel, rather than
+    wait forever for a Redis that stopped answering (here: SIGSTOP; a network that drops packets
+    looks the same). The next call connects again."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=0.3)
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+    try:
+        channel = ScriptChannel(client)
+        script = client.register_script(ECHO)
+        await bounded(channel.call(script, ["k"], [1, "a"]), TIMEOUT, "connect")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            calls = [asyncio.create_task(channel.call(script, ["k"], [i, "b"])) for i in range(3)]
+            for call in calls:
+                with pytest.raises(RedisTimeoutError):
+                    await bounded(call, 1.5, "a call Redis does not answer")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await bounded(channel.call(script, ["k"], [2, "c"]), TIMEOUT, "after") == [b"k", b"2", b"c"]
+        channel.close()
+    finally:
+        await bounded(client.aclose(), 5, "closing the client")

@@ -31,6 +31,7 @@ from redis._parsers.base import BaseParser
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.batcher import CannotTakeOver, take_over
 from producer.resp import pack, pack_evalsha
@@ -58,6 +59,10 @@ class ScriptChannel(asyncio.Protocol):
         self._inflight: deque[asyncio.Future[Any]] = deque()  # written, in reply order
         self._flush_handle: asyncio.Handle | None = None
         self._closes = 0  # close() calls so far: a connect that spans one hands its socket back
+        # The client's socket_timeout: how long redis-py waits for a reply before TimeoutError
+        self._reply_timeout: float | None = None
+        self._overdue: asyncio.TimerHandle | None = None
+        self._reads = 0  # data_received calls: progress, for the reply timeout
 
     async def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """The script's reply, as redis-py's `script(keys=..., args=...)` would return it (bytes
@@ -106,6 +111,7 @@ class ScriptChannel(asyncio.Protocol):
                 raise RedisConnectionError("the commit path was closed while connecting")
             self._conn, self.transport = conn, transport
             self._reader = _reader()
+            self._reply_timeout = getattr(conn[0], "socket_timeout", None) or None
         except CannotTakeOver as exc:
             self.usable = False
             log.info("commit path: using redis-py", reason=str(exc))
@@ -130,10 +136,32 @@ class ScriptChannel(asyncio.Protocol):
             return
         self._inflight.extend(futures)
         self.transport.write(b"".join(packed))
+        if self._reply_timeout is not None and self._overdue is None:
+            self._arm_overdue(self._reply_timeout)
+
+    def _arm_overdue(self, timeout: float) -> None:
+        self._overdue = asyncio.get_running_loop().call_later(timeout, self._check_overdue, self._reads)
+
+    def _check_overdue(self, reads: int) -> None:
+        """No reply for socket_timeout with calls in flight: what redis-py raises TimeoutError for.
+        The calls in flight fail so, and the connection is dropped (a late reply would be the
+        wrong caller's)."""
+        self._overdue = None
+        if self.transport is None or not self._inflight or self._reply_timeout is None:
+            return
+        if self._reads != reads:  # replies came meanwhile: the calls still in flight get their time
+            self._arm_overdue(self._reply_timeout)
+            return
+        log.warning("commit path: no reply from Redis in time: reconnecting", timeout=self._reply_timeout)
+        overdue = list(self._inflight)
+        self._inflight.clear()
+        _fail(overdue, RedisTimeoutError(f"no reply from Redis within {self._reply_timeout} s"))
+        self.transport.abort()
 
     # ------------------------------------------------------------------------ asyncio.Protocol
 
     def data_received(self, data: bytes) -> None:
+        self._reads += 1
         reader = self._reader
         reader.feed(data)
         inflight = self._inflight
@@ -158,6 +186,9 @@ class ScriptChannel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._conn = None
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
         failed = list(self._inflight) + self._pending_futures
         self._inflight.clear()
         self._pending, self._pending_futures = [], []
@@ -173,6 +204,9 @@ class ScriptChannel(asyncio.Protocol):
             with contextlib.suppress(RuntimeError):  # its loop is closed
                 self.transport.abort()
         self.transport, self._conn, self._connecting = None, None, None
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
         self._inflight.clear()
         self._pending, self._pending_futures, self._flush_handle = [], [], None
 
