@@ -180,7 +180,9 @@ class ScriptChannel(asyncio.Protocol):
                     future.set_exception(BaseParser.parse_error(str(reply)))
                 else:
                     future.set_result(reply)
-        except hiredis.ProtocolError as exc:
+        # TypeError: a RESP3 map keyed by an array, which hiredis cannot make a dict of. Left to
+        # the event loop, it would drop the connection too, but as a fatal error with a traceback.
+        except (hiredis.ProtocolError, TypeError, ValueError) as exc:
             self._abort(f"unreadable reply: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
