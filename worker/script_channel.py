@@ -13,7 +13,8 @@ replies, read with hiredis, come back in one read.
 What stays the same: the scripts, their keys and arguments, so the fencing of every call (each
 script compares the session's epoch itself), and the errors callers see: redis-py's
 ConnectionError for a lost connection (the callers' retry loops wait it out, as they do for
-redis-py's), ResponseError (NoScriptError, ...) for a refused call. A connection redis-py cannot
+redis-py's), its TimeoutError for a reply that takes longer than the client's socket_timeout (none
+by default), ResponseError (NoScriptError, ...) for a refused call. A connection redis-py cannot
 hand over (Redis Cluster, a socket that is not an asyncio stream) leaves the calls to redis-py.
 """
 
