@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import batcher
 from producer import protocol as p
@@ -243,18 +246,23 @@ class HostileServer:
 
 @pytest.mark.parametrize(
     "answer",
-    [b"?what\r\n", b":1\r\n:2\r\n"],  # not RESP; a reply more than the calls
-    ids=["unreadable", "unsolicited"],
+    # not RESP; a RESP3 map keyed by an array (hiredis raises TypeError: unhashable);
+    # a reply more than the calls
+    [b"?what\r\n", b"%1\r\n*1\r\n:1\r\n:2\r\n", b":1\r\n:2\r\n"],
+    ids=["unreadable", "unhashable", "unsolicited"],
 )
 async def test_a_reply_that_breaks_the_protocol_drops_the_connection(answer: bytes) -> None:
     hostile = HostileServer(answer)
     server = await asyncio.start_server(hostile.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     client = aioredis.Redis(host="127.0.0.1", port=port)
+    loop = asyncio.get_running_loop()
+    loop_errors: list[str] = []  # the event loop's "Fatal error: protocol.data_received() failed"
+    loop.set_exception_handler(lambda _, context: loop_errors.append(context["message"]))
     try:
         channel = ScriptChannel(client)
         script = client.register_script(ECHO)
-        if answer.startswith(b"?"):
+        if not answer.startswith(b":"):
             with pytest.raises(RedisConnectionError):
                 await bounded(channel.call(script, ["k"], [1, "a"]), TIMEOUT, "unreadable reply")
         else:  # the first reply is taken as the call's; the extra one drops the connection
@@ -264,8 +272,10 @@ async def test_a_reply_that_breaks_the_protocol_drops_the_connection(answer: byt
         with contextlib.suppress(RedisConnectionError):
             await bounded(channel.call(script, ["k"], [2, "b"]), TIMEOUT, "next call")
         assert hostile.connections == 2  # the next call connected again
+        assert loop_errors == []  # dropped by the channel, not by the event loop's error handling
         channel.close()
     finally:
+        loop.set_exception_handler(None)
         await bounded(client.aclose(), 5, "closing the client")
         server.close()
         await bounded(server.wait_closed(), 5, "closing the server")
@@ -274,3 +284,257 @@ async def test_a_reply_that_breaks_the_protocol_drops_the_connection(answer: byt
 async def _dropped(channel: ScriptChannel) -> None:
     while channel.transport is not None:
         await asyncio.sleep(0.01)
+
+
+async def _close_once_queued(channel: ScriptChannel) -> None:
+    """Closes the channel in the loop iteration where a call is queued, before its flush."""
+    while not channel._pending:
+        await asyncio.sleep(0)
+    assert channel.transport is None
+    channel.close()
+
+
+async def test_close_fails_a_call_queued_after_its_connection_dropped(
+    redis_client: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection lost as soon as it is made (Redis going away right after the handshake): the
+    caller that waited for it queues its call with no transport, and close() comes before the
+    flush. The call must fail, not wait forever (nor be written later on another connection)."""
+    real_take_over = batcher.take_over
+
+    async def dropped_at_once(client: aioredis.Redis, protocol: asyncio.Protocol) -> Any:
+        conn, transport = await real_take_over(client, protocol)
+        transport.abort()
+        return conn, transport
+
+    monkeypatch.setattr("worker.script_channel.take_over", dropped_at_once)
+    channel = ScriptChannel(redis_client)
+    script = redis_client.register_script(ECHO)
+    call = asyncio.create_task(channel.call(script, ["k"], [1, "a"]))
+    await bounded(_close_once_queued(channel), TIMEOUT, "the call queued")
+    with pytest.raises(RedisConnectionError):
+        await bounded(call, 1, "the call queued at close")
+    assert not channel._pending
+
+
+async def _clients_back_to(redis_client: aioredis.Redis, count: int) -> None:
+    while len(await redis_client.client_list()) != count:
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("iterations", [1, 4], ids=["connect-requested", "handshake-under-way"])
+async def test_close_while_connecting_leaves_no_connection_open(
+    redis_client: aioredis.Redis, iterations: int
+) -> None:
+    """close() while the connect is under way (a session cancelled at shutdown left it running):
+    the connection it makes is nobody's any more. It is closed, and the call waiting for it fails
+    as a call in flight at close does."""
+    before = len(await redis_client.client_list())
+    channel = ScriptChannel(redis_client)
+    script = redis_client.register_script(ECHO)
+    call = asyncio.create_task(channel.call(script, ["k"], [1, "a"]))
+    for _ in range(iterations):
+        await asyncio.sleep(0)
+    assert channel._open_task is not None and not channel._open_task.done()
+    channel.close()
+    with pytest.raises(RedisConnectionError):
+        await bounded(call, TIMEOUT, "the call waiting for the connect")
+    assert channel.transport is None
+    await bounded(_clients_back_to(redis_client, before), 1, "the connection closed")
+    assert len(await redis_client.client_list()) == before
+
+
+async def test_a_redis_that_stops_answering_times_the_calls_out_as_redis_py_does(
+    redis_server: RedisServer,
+) -> None:
+    """With a socket timeout on the client, redis-py gives up on a reply after that long
+    (TimeoutError, which the callers' retry loops wait out): so does the channel, rather than
+    wait forever for a Redis that stopped answering (here: SIGSTOP; a network that drops packets
+    looks the same). The next call connects again."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=0.3)
+    assert redis_server.process is not None
+    pid = redis_server.process.pid
+    try:
+        channel = ScriptChannel(client)
+        script = client.register_script(ECHO)
+        await bounded(channel.call(script, ["k"], [1, "a"]), TIMEOUT, "connect")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            calls = [asyncio.create_task(channel.call(script, ["k"], [i, "b"])) for i in range(3)]
+            for call in calls:
+                with pytest.raises(RedisTimeoutError):
+                    await bounded(call, 1.5, "a call Redis does not answer")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert await bounded(channel.call(script, ["k"], [2, "c"]), TIMEOUT, "after") == [b"k", b"2", b"c"]
+        channel.close()
+    finally:
+        await bounded(client.aclose(), 5, "closing the client")
+
+
+COUNTING = "redis.call('INCR', KEYS[1]); return ARGV[1]"
+
+
+@pytest.mark.parametrize("written", [False, True], ids=["queued", "written"])
+@pytest.mark.parametrize("step", [1, 2, 3], ids=["evalsha", "script-load", "evalsha-again"])
+async def test_a_caller_cancelled_anywhere_in_the_reload_runs_at_most_once_and_shifts_nothing(
+    redis_client: aioredis.Redis, step: int, written: bool
+) -> None:
+    """A forgotten script: the caller's EVALSHA (NOSCRIPT), SCRIPT LOAD, EVALSHA again, each a
+    round trip of its own. Cancelled at any of them, queued or written, its call has run once or
+    not at all (never twice), and the calls of the others, queued alongside, get their own
+    replies."""
+    channel = ScriptChannel(redis_client)
+    script = redis_client.register_script(COUNTING)
+    await bounded(channel.call(script, ["warm"], ["-"]), TIMEOUT, "connect")
+    await redis_client.script_flush()
+    sends: list[bytes] = []
+    send = channel._send
+
+    async def noted(packed: bytes) -> Any:  # the channel's own _send, its callers noted
+        if asyncio.current_task() is cancelled:
+            sends.append(packed)
+        return await send(packed)
+
+    channel._send = noted  # type: ignore[method-assign]
+    cancelled = asyncio.create_task(channel.call(script, ["runs"], ["c"]))
+    others = [asyncio.create_task(channel.call(script, [f"other{i}"], [i])) for i in range(3)]
+
+    async def cancel_at_the_step() -> None:
+        while len(sends) < step or (written and channel._pending):
+            await asyncio.sleep(0)
+        cancelled.cancel()
+
+    await bounded(cancel_at_the_step(), TIMEOUT, "the step")
+    assert await bounded(asyncio.gather(*others), TIMEOUT, "the others") == [b"0", b"1", b"2"]
+    assert await bounded(channel.call(script, ["next"], ["n"]), TIMEOUT, "next") == b"n"
+    runs = int(await redis_client.get("runs") or 0)
+    # A call written runs (as with redis-py). One still queued when its caller is cancelled is
+    # written all the same today, where redis-py would not have sent it: once either way.
+    assert runs == 0 if step < 3 else runs == 1 if written else runs in (0, 1)
+    for i in range(3):
+        assert await redis_client.get(f"other{i}") == b"1"
+    channel.close()
+
+
+async def test_a_caller_cancelled_while_the_connect_is_shared_leaves_it_to_the_others(
+    redis_client: aioredis.Redis,
+) -> None:
+    channel = ScriptChannel(redis_client)
+    script = redis_client.register_script(ECHO)
+    calls = [asyncio.create_task(channel.call(script, [f"k{i}"], [i, "x"])) for i in range(3)]
+    await asyncio.sleep(0)  # all three wait for the one connect
+    calls[0].cancel()
+    assert await bounded(asyncio.gather(*calls[1:]), TIMEOUT, "the others") == [
+        [b"k1", b"1", b"x"],
+        [b"k2", b"2", b"x"],
+    ]
+    assert calls[0].cancelled()
+    channel.close()
+
+
+async def test_a_thousand_callers_of_a_forgotten_script_and_a_large_argument(
+    redis_client: aioredis.Redis,
+) -> None:
+    """1000 calls at once, each through the NOSCRIPT reload, then one 8 MB argument among small
+    calls: every reply reaches its own caller."""
+    channel = ScriptChannel(redis_client)
+    script = redis_client.register_script(ECHO)
+    await redis_client.script_flush()
+    calls = [channel.call(script, [f"k{i}"], [i, b"v" * (i % 7)]) for i in range(1000)]
+    replies = await bounded(asyncio.gather(*calls), TIMEOUT, "1000 calls")
+    assert replies == [[f"k{i}".encode(), b"%d" % i, b"v" * (i % 7)] for i in range(1000)]
+    large = os.urandom(8 << 20)
+    calls = [channel.call(script, ["k"], [i, large if i == 3 else b"s"]) for i in range(6)]
+    replies = await bounded(asyncio.gather(*calls), TIMEOUT, "a large argument")
+    assert replies == [[b"k", b"%d" % i, large if i == 3 else b"s"] for i in range(6)]
+    channel.close()
+
+
+async def test_a_resp3_client_gets_the_replies_redis_py_gets(redis_server: RedisServer) -> None:
+    """protocol=3 in the URL: redis-py's handshake says HELLO 3, so Redis answers the channel in
+    RESP3; a script's reply reads the same as through redis-py."""
+    client = aioredis.Redis.from_url(redis_server.url + "?protocol=3")
+    try:
+        channel = ScriptChannel(client)
+        await client.hset("h", mapping={"a": "1"})
+        for source in [
+            ECHO,
+            "return redis.status_reply('FINE')",
+            "return nil",
+            "return {1, {2, {'x'}}, 3}",
+            "redis.setresp(3); return redis.call('HGETALL', KEYS[1])",
+        ]:
+            script = client.register_script(source)
+            ours = await bounded(channel.call(script, ["h"], [1, "x"]), TIMEOUT, source)
+            assert ours == await script(keys=["h"], args=[1, "x"]), source
+        refused = client.register_script("return redis.error_reply('MYERR no')")
+        with pytest.raises(ResponseError, match="no"):
+            await bounded(channel.call(refused, [], []), TIMEOUT, "an error in RESP3")
+        channel.close()
+    finally:
+        await bounded(client.aclose(), 5, "closing the client")
+
+
+class ReplyEater:
+    """A TCP proxy to Redis that, once `eat` is set, forwards the next command but not its reply,
+    and drops the client's connection instead: a COMMIT applied whose reply is lost."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.eat = False
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                up_writer.write(data)
+            up_writer.close()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                if self.eat:
+                    writer.transport.abort()
+                    up_writer.close()
+                    return
+                writer.write(data)
+            writer.close()
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+
+
+async def test_a_commit_whose_reply_is_lost_is_not_applied_twice(redis_client: aioredis.Redis) -> None:
+    """The COMMIT ran, its reply never came: ConnectionError, and the call again (the runner's
+    _retry_redis) is refused as `dup`: the final is in the results once, the commit point moved
+    once, and the next commit goes on from there."""
+    sk = KEYS.session("s")
+    entry = await start_session(redis_client, "s", "w1")
+    await redis_client.xadd(sk.audio, p.frame_fields(0, bytes(640)))
+    port = redis_client.connection_pool.connection_kwargs["port"]
+    eater = ReplyEater(port)
+    proxy = await asyncio.start_server(eater.handle, "127.0.0.1", 0)
+    client = aioredis.Redis(host="127.0.0.1", port=proxy.sockets[0].getsockname()[1])
+    try:
+        store = store_for(client)
+        first = await store.acquire(sk, "w1", 5, entry)
+        assert (
+            await bounded(store.commit(sk, first.epoch, Commit(0, 9, b"1-9"), None), TIMEOUT, "warm") == "ok"
+        )
+        eater.eat = True
+        with pytest.raises(RedisConnectionError):
+            await bounded(
+                store.commit(sk, first.epoch, Commit(10, 24, b"1-24"), final("s", 10, 24)), TIMEOUT, "lost"
+            )
+        eater.eat = False
+        again = store.commit(sk, first.epoch, Commit(10, 24, b"1-24"), final("s", 10, 24))
+        assert await bounded(again, TIMEOUT, "again") == "dup"
+        assert await redis_client.hget(sk.state, "committed_seq") == b"24"
+        assert await redis_client.xlen(sk.results) == 1
+        following = store.commit(sk, first.epoch, Commit(25, 49, b"1-49"), final("s", 25, 49))
+        assert await bounded(following, TIMEOUT, "the next") == "ok"
+        assert await redis_client.xlen(sk.results) == 2
+        store.close()
+    finally:
+        await bounded(client.aclose(), 5, "closing the client")
+        proxy.close()

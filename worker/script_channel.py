@@ -13,7 +13,8 @@ replies, read with hiredis, come back in one read.
 What stays the same: the scripts, their keys and arguments, so the fencing of every call (each
 script compares the session's epoch itself), and the errors callers see: redis-py's
 ConnectionError for a lost connection (the callers' retry loops wait it out, as they do for
-redis-py's), ResponseError (NoScriptError, ...) for a refused call. A connection redis-py cannot
+redis-py's), its TimeoutError for a reply that takes longer than the client's socket_timeout (none
+by default), ResponseError (NoScriptError, ...) for a refused call. A connection redis-py cannot
 hand over (Redis Cluster, a socket that is not an asyncio stream) leaves the calls to redis-py.
 """
 
@@ -31,6 +32,7 @@ from redis._parsers.base import BaseParser
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.batcher import CannotTakeOver, take_over
 from producer.resp import pack, pack_evalsha
@@ -57,6 +59,11 @@ class ScriptChannel(asyncio.Protocol):
         self._pending_futures: list[asyncio.Future[Any]] = []
         self._inflight: deque[asyncio.Future[Any]] = deque()  # written, in reply order
         self._flush_handle: asyncio.Handle | None = None
+        self._closes = 0  # close() calls so far: a connect that spans one hands its socket back
+        # The client's socket_timeout: how long redis-py waits for a reply before TimeoutError
+        self._reply_timeout: float | None = None
+        self._overdue: asyncio.TimerHandle | None = None
+        self._reads = 0  # data_received calls: progress, for the reply timeout
 
     async def call(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
         """The script's reply, as redis-py's `script(keys=..., args=...)` would return it (bytes
@@ -92,14 +99,20 @@ class ScriptChannel(asyncio.Protocol):
         connecting = self._connecting
         if connecting is None:
             connecting = self._connecting = loop.create_future()
-            self._open_task = loop.create_task(self._open(connecting))
+            self._open_task = loop.create_task(self._open(connecting, self._closes))
         # Shielded: one caller's cancellation must not cancel the connect the others wait for.
         await asyncio.shield(connecting)
 
-    async def _open(self, done: asyncio.Future[None]) -> None:
+    async def _open(self, done: asyncio.Future[None], closes: int) -> None:
         try:
-            self._conn, self.transport = await take_over(self.client, self)
+            conn, transport = await take_over(self.client, self)
+            if self._closes != closes:  # closed meanwhile: this connection is nobody's
+                transport.set_protocol(asyncio.Protocol())  # its connection_lost is not ours
+                transport.abort()
+                raise RedisConnectionError("the commit path was closed while connecting")
+            self._conn, self.transport = conn, transport
             self._reader = _reader()
+            self._reply_timeout = getattr(conn[0], "socket_timeout", None) or None
         except CannotTakeOver as exc:
             self.usable = False
             log.info("commit path: using redis-py", reason=str(exc))
@@ -124,10 +137,32 @@ class ScriptChannel(asyncio.Protocol):
             return
         self._inflight.extend(futures)
         self.transport.write(b"".join(packed))
+        if self._reply_timeout is not None and self._overdue is None:
+            self._arm_overdue(self._reply_timeout)
+
+    def _arm_overdue(self, timeout: float) -> None:
+        self._overdue = asyncio.get_running_loop().call_later(timeout, self._check_overdue, self._reads)
+
+    def _check_overdue(self, reads: int) -> None:
+        """No reply for socket_timeout with calls in flight: what redis-py raises TimeoutError for.
+        The calls in flight fail so, and the connection is dropped (a late reply would be the
+        wrong caller's)."""
+        self._overdue = None
+        if self.transport is None or not self._inflight or self._reply_timeout is None:
+            return
+        if self._reads != reads:  # replies came meanwhile: the calls still in flight get their time
+            self._arm_overdue(self._reply_timeout)
+            return
+        log.warning("commit path: no reply from Redis in time: reconnecting", timeout=self._reply_timeout)
+        overdue = list(self._inflight)
+        self._inflight.clear()
+        _fail(overdue, RedisTimeoutError(f"no reply from Redis within {self._reply_timeout} s"))
+        self.transport.abort()
 
     # ------------------------------------------------------------------------ asyncio.Protocol
 
     def data_received(self, data: bytes) -> None:
+        self._reads += 1
         reader = self._reader
         reader.feed(data)
         inflight = self._inflight
@@ -146,12 +181,17 @@ class ScriptChannel(asyncio.Protocol):
                     future.set_exception(BaseParser.parse_error(str(reply)))
                 else:
                     future.set_result(reply)
-        except hiredis.ProtocolError as exc:
+        # TypeError: a RESP3 map keyed by an array, which hiredis cannot make a dict of. Left to
+        # the event loop, it would drop the connection too, but as a fatal error with a traceback.
+        except (hiredis.ProtocolError, TypeError, ValueError) as exc:
             self._abort(f"unreadable reply: {exc}")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._conn = None
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
         failed = list(self._inflight) + self._pending_futures
         self._inflight.clear()
         self._pending, self._pending_futures = [], []
@@ -167,14 +207,24 @@ class ScriptChannel(asyncio.Protocol):
             with contextlib.suppress(RuntimeError):  # its loop is closed
                 self.transport.abort()
         self.transport, self._conn, self._connecting = None, None, None
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
         self._inflight.clear()
         self._pending, self._pending_futures, self._flush_handle = [], [], None
 
     def close(self) -> None:
-        """Closes the connection; calls in flight fail with ConnectionError."""
+        """Closes the connection (and the one being made); calls in flight fail with
+        ConnectionError."""
+        self._closes += 1
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        # Queued, now never to be written: fail them here, as with no transport no connection_lost
+        # will (a connection lost just before their flush). Their loop may be closed (tests).
+        queued, self._pending, self._pending_futures = self._pending_futures, [], []
+        with contextlib.suppress(RuntimeError):
+            _fail(queued, RedisConnectionError("the commit path was closed before the call was sent"))
         if self.transport is not None:
             # In flight or not, nothing here waits for a graceful close. A transport whose loop
             # has closed is gone with it.
