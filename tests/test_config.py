@@ -30,3 +30,14 @@ def test_the_key_never_shows_in_the_settings_repr(monkeypatch: pytest.MonkeyPatc
     settings = load_settings()
     assert settings.api_key() == "dg-secret-key-123"
     assert "dg-secret-key-123" not in repr(settings) and "dg-secret-key-123" not in str(settings.model_dump())
+
+
+def test_settings_repr_and_str_hide_the_redis_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VOXQUEUE_DEEPGRAM_URL", "ws://127.0.0.1:1")
+    monkeypatch.setenv("VOXQUEUE_REDIS_URL", "redis://user:hunter2pass@127.0.0.1:1/0")
+    monkeypatch.setenv("DEEPGRAM_API_KEY", "dg-key-0123456789")
+    settings = load_settings()
+    for text in (repr(settings), str(settings)):
+        assert "hunter2" not in text and "dg-key" not in text, text
+        assert "127.0.0.1:1/0" in text
+    assert settings.redis_url == "redis://user:hunter2pass@127.0.0.1:1/0"  # the value itself is intact

@@ -5,13 +5,14 @@ A bad value is a clear error at start-up, never a traceback halfway through a se
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.options import install_extra_options, parse_extra_options
-from producer.secrets import check_url_password, redact
+from producer.secrets import check_url_password, redact, redact_url
 
 DEEPGRAM_PRODUCTION_URL = "wss://api.deepgram.com"
 
@@ -95,6 +96,12 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """repr() and str() show the Redis URL without its password (a Settings printed while
+        debugging, or caught in an error report, must not carry it)."""
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" and isinstance(value, str) else value
 
     @field_validator("redis_url")
     @classmethod
