@@ -69,6 +69,14 @@ class BadInput(_RedactedError):
     exit_code = 2
 
 
+class SessionIdTaken(BadInput):
+    """The new session's id exists (or existed): ids are never reused."""
+
+    def __init__(self, sid: str) -> None:
+        super().__init__(f"session {sid} already exists (or existed); choose another --session")
+        self.sid = sid
+
+
 class RuntimeFailure(_RedactedError):
     """Something failed while running (Redis unreachable, session failed): exit 1."""
 
@@ -454,7 +462,7 @@ async def _produce(
             session = await producer.open_session(sid, options=options, labels=labels, format=fmt)
         except SessionExists:
             # Ids are never reused (the workers would refuse it: sid_reused): a usage error, exit 2.
-            raise BadInput(f"session {sid} already exists (or existed); choose another --session") from None
+            raise SessionIdTaken(str(sid)) from None
         click.echo(session.sid)  # first stdout line, alone, for scripts
         await _stream_and_follow(producer, session, pcm, speed, follow, as_json)
 

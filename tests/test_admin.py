@@ -133,6 +133,39 @@ async def test_a_dead_letter_requeued_runs_again_as_a_new_session(tmp_path: Path
         assert report.end_reason == p.END_COMPLETED
         labels = json.loads(await redis.hget(stack.keys.session(new_sid).state, "labels"))
         assert labels["requeue_of"] == "dl1" and labels["dead_letter"] == letters[0]["id"]
+        assert new_sid == f"rq-{letters[0]['id']}"
+
+        # Asked again (a retried script): the same id, and nothing runs twice.
+        again = await asyncio.to_thread(
+            subprocess.run,
+            [*VOXQUEUE, "dead", "requeue", letters[0]["id"], "--redis-url", stack.redis.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.split() == [new_sid]
+        assert "requeued already" in again.stderr
+        requeued = [
+            key
+            async for key in redis.scan_iter(match=stack.keys.session("*").state)
+            if b"requeue_of" in (await redis.hget(key, "labels") or b"")
+        ]
+        assert len(requeued) == 1, requeued
+        # --again runs it once more, under a new id.
+        forced = await asyncio.to_thread(
+            subprocess.run,
+            [*VOXQUEUE, "dead", "requeue", letters[0]["id"], "--again", "--redis-url", stack.redis.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert forced.returncode == 0, forced.stderr
+        forced_sid = forced.stdout.split()[0]
+        assert forced_sid not in (new_sid, "dl1")
+        await wait_until_ended(redis, stack.keys, [forced_sid], 20)
+        report = await check_marker_session(redis, stack.keys, forced_sid, frames)
+        assert report.words == [f"f{n}" for n in range(frames) if n != bad]
 
         missing = await asyncio.to_thread(
             subprocess.run,

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from producer import protocol as p
-from producer.cli import BadInput, _run, redis_options, rerun_session
+from producer.cli import BadInput, SessionIdTaken, _run, redis_options, rerun_session
 
 LEASE_OPTION = click.option(
     "--lease-seconds",
@@ -314,21 +314,28 @@ def dead(
     show_default=True,
     help="Times real time; 0 = at once.",
 )
+@click.option(
+    "--again",
+    is_flag=True,
+    help="Run it again even if it was requeued before (a new random session id).",
+)
 @redis_options
-def requeue(dead_id: str, speed: float, redis_url: str, namespace: str, partitions: int) -> None:
+def requeue(dead_id: str, speed: float, again: bool, redis_url: str, namespace: str, partitions: int) -> None:
     """Run a dead letter's session again as a NEW session, from its audio still retained in Redis
     (as `voxqueue replay` does; labels requeue_of and dead_letter say where it came from). Prints the
-    new session id. The dead letter stays: requeueing twice runs the session twice."""
+    new session id. The new session's id is `rq-ID`, so asking twice (a retried script, two
+    operators) runs it once: the second time prints that id and says so. --again runs it anyway."""
 
     async def main(client: aioredis.Redis) -> None:
         keys = p.Keys(namespace, partitions)
-        letter = None
+        letter, letter_id = None, ""
         for n in range(partitions):
             found = cast(
                 list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys.dead(n), dead_id, dead_id)
             )
             if found:
-                letter = found[0][1]
+                # Its exact id: an incomplete one (`1764115200000`) also finds an entry
+                letter_id, letter = _s(found[0][0]), found[0][1]
                 break
         if letter is None:
             raise BadInput(f"no dead letter {dead_id} (see `voxqueue dead`)")
@@ -337,10 +344,27 @@ def requeue(dead_id: str, speed: float, redis_url: str, namespace: str, partitio
             p.validate_sid(old_sid)
         except p.ProtocolError:
             raise BadInput(f"dead letter {dead_id} names no valid session: nothing to run again") from None
-        labels = {"requeue_of": old_sid, "dead_letter": dead_id}
-        await rerun_session(client, namespace, partitions, old_sid, None, {}, labels, speed, False, False)
+        labels = {"requeue_of": old_sid, "dead_letter": letter_id}
+        new_sid = None if again else requeue_sid(letter_id)
+        try:
+            await rerun_session(
+                client, namespace, partitions, old_sid, new_sid, {}, labels, speed, False, False
+            )
+        except SessionIdTaken as taken:
+            click.echo(taken.sid)
+            click.echo(
+                f"dead letter {letter_id} was requeued already as {taken.sid}: not running it again "
+                "(--again runs it anyway)",
+                err=True,
+            )
 
     _run(redis_url, main)
+
+
+def requeue_sid(dead_id: str) -> str:
+    """The session a dead letter is requeued as: one per letter, so a repeated requeue finds it.
+    A dead letter's id is a stream entry id (digits and a dash), valid in a session id."""
+    return f"rq-{dead_id}"
 
 
 ADMIN_COMMANDS = (status, sessions, dead)
