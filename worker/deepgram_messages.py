@@ -1,14 +1,15 @@
 """Deepgram's server messages, decoded lean.
 
 The SDK decodes each message by trying its pydantic models one after another (an undiscriminated
-union): about 145 µs for a Results message of 25 words, the largest single cost of a worker per
-frame (see BENCHMARKS.md). Deepgram tags every message with `type`, so this module dispatches on
-it and builds small slotted dataclasses with the same field names as the SDK's models
-(`ListenV1Results` and friends): about 10× cheaper. Parsed with orjson (8 µs for a final of 25
-words against 28 µs with the standard library), into dataclasses that are not frozen (a frozen
-one's __init__ costs 4× as much, once per word; nothing modifies them after decoding): 32 µs in all
-for that final, 75 µs before both. tests/test_deepgram_messages.py checks that the SDK and this
-module decode every message the same way. The connection itself stays the SDK's.
+union): about 145 µs for a Results message of 25 words on the VM of the first round (BENCHMARKS.md
+"What each step bought"; ~370 µs on the VM of the later rounds), the largest single cost of a worker
+per frame. Deepgram tags every message with `type`, so this module dispatches on it and builds small
+slotted dataclasses with the same field names as the SDK's models (`ListenV1Results` and friends):
+about 10× cheaper. Parsed with orjson (8 µs for a final of 25 words against 28 µs with the standard
+library, on the later rounds' VM), into dataclasses that are not frozen (a frozen one's __init__
+costs 4× as much, once per word; nothing modifies them after decoding): 32 µs in all for that final
+there, 75 µs before both. tests/test_deepgram_messages.py checks that the SDK and this module decode
+every message the same way. The connection itself stays the SDK's.
 """
 
 from __future__ import annotations
