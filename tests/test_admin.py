@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis as sync_redis
+
 from producer import protocol as p
 from producer.audio import marker_frame
 from producer.client import Producer
@@ -179,3 +181,52 @@ async def test_a_dead_letter_requeued_runs_again_as_a_new_session(tmp_path: Path
         await producer.aclose()
         await redis.aclose()
         stack.stop()
+
+
+def test_a_dead_letter_id_in_two_partitions_is_requeued_only_with_its_partition_named(
+    redis_server: Any,
+) -> None:
+    """Each partition's dead letters are a stream of their own, so one entry id can be in two: the
+    requeue refuses to guess, and --partition picks one (whose requeue id names it)."""
+    keys = p.Keys(partitions=2)
+    client = sync_redis.Redis.from_url(redis_server.url)
+    try:
+        for n, sid in ((0, "gone-a"), (1, "gone-b")):
+            client.xadd(keys.dead(n), {"sid": sid, "reason": "test"}, id="5-1")
+    finally:
+        client.close()
+
+    def requeue(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                *VOXQUEUE,
+                "dead",
+                "requeue",
+                "5-1",
+                *extra,
+                "--partitions",
+                "2",
+                "--redis-url",
+                redis_server.url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    ambiguous = requeue()
+    assert ambiguous.returncode == 2 and "in partitions 0, 1" in ambiguous.stderr, ambiguous.stderr
+    chosen = requeue("--partition", "1")
+    # Partition 1's letter, whose session's audio is gone: the error names that session.
+    assert chosen.returncode == 2 and "gone-b has no recorded audio" in chosen.stderr, chosen.stderr
+    outside = requeue("--partition", "2")
+    assert outside.returncode == 2 and "2 partition(s)" in outside.stderr, outside.stderr
+
+
+def test_requeue_ids_name_the_partition_past_the_first() -> None:
+    from worker.admin import requeue_sid
+
+    assert requeue_sid(0, "5-1") == "rq-5-1"
+    assert requeue_sid(3, "5-1") == "rq-p3-5-1"
+    for n in (0, 3):
+        p.validate_sid(requeue_sid(n, "1764115200000-12"))

@@ -319,33 +319,53 @@ def dead(
     is_flag=True,
     help="Run it again even if it was requeued before (a new random session id).",
 )
+@click.option(
+    "--partition",
+    "only_partition",
+    type=click.IntRange(min=0),
+    help="The dead letter's partition, when the same id is in several (each has its own stream).",
+)
 @redis_options
-def requeue(dead_id: str, speed: float, again: bool, redis_url: str, namespace: str, partitions: int) -> None:
+def requeue(
+    dead_id: str,
+    speed: float,
+    again: bool,
+    only_partition: int | None,
+    redis_url: str,
+    namespace: str,
+    partitions: int,
+) -> None:
     """Run a dead letter's session again as a NEW session, from its audio still retained in Redis
     (as `voxqueue replay` does; labels requeue_of and dead_letter say where it came from). Prints the
-    new session id. The new session's id is `rq-ID`, so asking twice (a retried script, two
-    operators) runs it once: the second time prints that id and says so. --again runs it anyway."""
+    new session id. The new session's id is `rq-ID` (`rq-pN-ID` for a letter of partition N > 0),
+    so asking twice (a retried script, two operators) runs it once: the second time prints that id
+    and says so. --again runs it anyway."""
 
     async def main(client: aioredis.Redis) -> None:
         keys = p.Keys(namespace, partitions)
-        letter, letter_id = None, ""
-        for n in range(partitions):
+        if only_partition is not None and only_partition >= partitions:
+            raise BadInput(f"--partition {only_partition}: the deployment has {partitions} partition(s)")
+        matches: list[tuple[int, str, dict[bytes, bytes]]] = []
+        for n in range(partitions) if only_partition is None else [only_partition]:
             found = cast(
                 list[tuple[bytes, dict[bytes, bytes]]], await client.xrange(keys.dead(n), dead_id, dead_id)
             )
             if found:
                 # Its exact id: an incomplete one (`1764115200000`) also finds an entry
-                letter_id, letter = _s(found[0][0]), found[0][1]
-                break
-        if letter is None:
+                matches.append((n, _s(found[0][0]), found[0][1]))
+        if not matches:
             raise BadInput(f"no dead letter {dead_id} (see `voxqueue dead`)")
+        if len(matches) > 1:
+            where = ", ".join(str(n) for n, _, _ in matches)
+            raise BadInput(f"dead letter {dead_id} is in partitions {where}: choose one with --partition")
+        partition, letter_id, letter = matches[0]
         old_sid = _s(letter.get(b"sid", b""))
         try:
             p.validate_sid(old_sid)
         except p.ProtocolError:
             raise BadInput(f"dead letter {dead_id} names no valid session: nothing to run again") from None
         labels = {"requeue_of": old_sid, "dead_letter": letter_id}
-        new_sid = None if again else requeue_sid(letter_id)
+        new_sid = None if again else requeue_sid(partition, letter_id)
         try:
             await rerun_session(
                 client, namespace, partitions, old_sid, new_sid, {}, labels, speed, False, False
@@ -361,10 +381,12 @@ def requeue(dead_id: str, speed: float, again: bool, redis_url: str, namespace: 
     _run(redis_url, main)
 
 
-def requeue_sid(dead_id: str) -> str:
+def requeue_sid(partition: int, letter_id: str) -> str:
     """The session a dead letter is requeued as: one per letter, so a repeated requeue finds it.
-    A dead letter's id is a stream entry id (digits and a dash), valid in a session id."""
-    return f"rq-{dead_id}"
+    Each partition's dead letters are a stream of their own, so two partitions can hold the same
+    entry id: the partition is part of the name (left out for partition 0, the only one of most
+    deployments). An entry id is digits and a dash, valid in a session id."""
+    return f"rq-{letter_id}" if partition == 0 else f"rq-p{partition}-{letter_id}"
 
 
 ADMIN_COMMANDS = (status, sessions, dead)
