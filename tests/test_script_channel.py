@@ -372,6 +372,26 @@ async def test_a_redis_that_stops_answering_times_the_calls_out_as_redis_py_does
         await bounded(client.aclose(), 5, "closing the client")
 
 
+async def test_a_reply_timeout_counts_from_the_last_reply_not_from_the_write(
+    redis_server: RedisServer,
+) -> None:
+    """redis-py's socket_timeout bounds each wait for data, not a pipeline's whole round trip: two
+    calls of 0.6 s each, written together, are both answered (at 0.6 and 1.2 s) within a timeout of
+    1 s, because the first reply is progress."""
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=1.0)
+    try:
+        channel = ScriptChannel(client)
+        busy = client.register_script(BUSY_300_MS.replace("300000", "600000"))
+        await bounded(channel.call(client.register_script(ECHO), ["k"], [0, ""]), TIMEOUT, "connect")
+        replies = await bounded(
+            asyncio.gather(channel.call(busy, [], []), channel.call(busy, [], [])), TIMEOUT, "two slow calls"
+        )
+        assert replies == [1, 1]
+        channel.close()
+    finally:
+        await bounded(client.aclose(), 5, "closing the client")
+
+
 COUNTING = "redis.call('INCR', KEYS[1]); return ARGV[1]"
 
 
