@@ -27,7 +27,6 @@ server's `silence_timeout` (10 s by default), as on v1.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Final
 
 from websockets.asyncio.server import ServerConnection
@@ -69,15 +68,7 @@ class FluxSession(BaseSession[FluxEngine, TurnEvent]):
         if seq is not None:
             await self._send(self._renderer.connected(seq), "Connected")
 
-    async def _on_text(self, text: str) -> bool:
-        if self.stalled:
-            return False  # a half-open stream answers nothing, not even CloseStream
-        try:
-            msg = json.loads(text)
-        except (ValueError, RecursionError):  # RecursionError: hostile nesting, [[[[...]]]]
-            msg = None
-        if not isinstance(msg, dict):
-            msg = {}
+    async def _on_text(self, msg: dict[str, Any], text: str) -> bool:
         kind = msg.get("type")
         if kind == "CloseStream":
             await self._close_stream()

@@ -48,8 +48,24 @@ def _int(name: str, value: str, low: int, high: int) -> int:
     return n
 
 
+class _Encoded:
+    """What both endpoints' options say about the audio bytes: whether the engines can read them,
+    and their sample width."""
+
+    __slots__ = ()
+    encoding: str | None
+
+    @property
+    def decodable(self) -> bool:
+        return self.encoding in SAMPLE_WIDTH
+
+    @property
+    def sample_width(self) -> int:
+        return SAMPLE_WIDTH.get(self.encoding or "", 2)
+
+
 @dataclass(frozen=True, slots=True)
-class ListenOptions:
+class ListenOptions(_Encoded):
     model: str = DEFAULT_MODEL
     encoding: str | None = None
     sample_rate: int = 16000
@@ -64,14 +80,6 @@ class ListenOptions:
     punctuate: bool = False
     smart_format: bool = False
     extra: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def decodable(self) -> bool:
-        return self.encoding in SAMPLE_WIDTH
-
-    @property
-    def sample_width(self) -> int:
-        return SAMPLE_WIDTH.get(self.encoding or "", 2)
 
     @classmethod
     def from_query(cls, query: str) -> ListenOptions:
@@ -210,7 +218,7 @@ def check_terms(name: str, terms: Any) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True, slots=True)
-class FluxOptions:
+class FluxOptions(_Encoded):
     model: str
     encoding: str | None = None
     sample_rate: int = 16000
@@ -223,14 +231,6 @@ class FluxOptions:
     redact: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def decodable(self) -> bool:
-        return self.encoding in SAMPLE_WIDTH
-
-    @property
-    def sample_width(self) -> int:
-        return SAMPLE_WIDTH.get(self.encoding or "", 2)
 
     @property
     def multilingual(self) -> bool:

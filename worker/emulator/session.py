@@ -127,7 +127,9 @@ class BaseSession(Generic[EngineT, EventT]):
             self.last_activity = clock()
             stats.messages_received += 1
             if isinstance(message, str):
-                if await self._on_text(message):
+                if self.stalled:
+                    continue  # a half-open stream answers nothing, not even CloseStream
+                if await self._on_text(_control_message(message), message):
                     return
                 continue
             n = len(message)
@@ -166,8 +168,9 @@ class BaseSession(Generic[EngineT, EventT]):
     async def _opened(self) -> None:
         """Called once the connection is accepted, before any message is read."""
 
-    async def _on_text(self, text: str) -> bool:
-        """Handle a control message; True when the connection is done."""
+    async def _on_text(self, msg: dict[str, Any], text: str) -> bool:
+        """Handle a control message (`msg`: the parsed JSON object, {} when `text` is not one);
+        True when the connection is done."""
         raise NotImplementedError
 
     async def _close_stream(self) -> None:
@@ -261,6 +264,16 @@ class BaseSession(Generic[EngineT, EventT]):
         await _send_close(self._conn, code, reason)
 
 
+def _control_message(text: str) -> dict[str, Any]:
+    """A client's text message as a JSON object; {} for anything else (not JSON, hostile nesting
+    such as [[[[...]]]], which raises RecursionError, or JSON that is not an object)."""
+    try:
+        msg = json.loads(text)
+    except (ValueError, RecursionError):
+        return {}
+    return msg if isinstance(msg, dict) else {}
+
+
 NO_STATUS: Final = 1005  # "close without a status code": an empty close frame (Flux after CloseStream)
 
 
@@ -278,15 +291,8 @@ class Session(BaseSession[Engine, Event]):
         super().__init__(connection, **kwargs)
         self._renderer = renderer
 
-    async def _on_text(self, text: str) -> bool:
-        """Handle a control message; True when the connection is done."""
-        if self.stalled:
-            return False  # a half-open stream answers nothing, not even CloseStream
-        try:
-            msg = json.loads(text)
-        except (ValueError, RecursionError):  # RecursionError: hostile nesting, [[[[...]]]]
-            msg = None
-        kind = msg.get("type") if isinstance(msg, dict) else None
+    async def _on_text(self, msg: dict[str, Any], text: str) -> bool:
+        kind = msg.get("type")
         if kind == "KeepAlive":
             return False
         if kind == "Finalize":
@@ -296,7 +302,7 @@ class Session(BaseSession[Engine, Event]):
             await self._close_stream()
             return True
         if kind == "Configure":
-            keyterms = msg.get("keyterms") if isinstance(msg, dict) else None
+            keyterms = msg.get("keyterms")
             await self._send(self._renderer.configure_success(keyterms), "ConfigureSuccess")
             return False
         await self._send(self._renderer.error("could not parse the control message", text), "Error")
