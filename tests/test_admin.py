@@ -21,15 +21,16 @@ LEASE = "1.5"
 FAST_LEASES = {"VOXQUEUE_LEASE_SECONDS": LEASE, "VOXQUEUE_RENEW_SECONDS": "0.3"}
 
 
+def run(redis_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Runs a voxqueue command against `redis_url`, bounded, capturing its output."""
+    return subprocess.run(
+        [*VOXQUEUE, *args, "--redis-url", redis_url], capture_output=True, text=True, timeout=30, env=env
+    )
+
+
 def cli(stack: Stack, *args: str) -> list[dict[str, Any]]:
     """Runs a voxqueue command (stdout is a pipe: JSON lines) and parses its output."""
-    result = subprocess.run(
-        [*VOXQUEUE, *args, "--redis-url", stack.redis.url],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=stack._env(VOXQUEUE_LEASE_SECONDS=LEASE),
-    )
+    result = run(stack.redis.url, *args, env=stack._env(VOXQUEUE_LEASE_SECONDS=LEASE))
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
@@ -118,13 +119,7 @@ async def test_a_dead_letter_requeued_runs_again_as_a_new_session(tmp_path: Path
         assert [letter["sid"] for letter in letters] == ["dl1"]
         assert letters[0]["stream"] == audio
 
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [*VOXQUEUE, "dead", "requeue", letters[0]["id"], "--redis-url", stack.redis.url],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        result = await asyncio.to_thread(run, stack.redis.url, "dead", "requeue", letters[0]["id"])
         assert result.returncode == 0, result.stderr
         new_sid = result.stdout.split()[0]
         assert new_sid != "dl1"
@@ -138,13 +133,7 @@ async def test_a_dead_letter_requeued_runs_again_as_a_new_session(tmp_path: Path
         assert new_sid == f"rq-{letters[0]['id']}"
 
         # Asked again (a retried script): the same id, and nothing runs twice.
-        again = await asyncio.to_thread(
-            subprocess.run,
-            [*VOXQUEUE, "dead", "requeue", letters[0]["id"], "--redis-url", stack.redis.url],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        again = await asyncio.to_thread(run, stack.redis.url, "dead", "requeue", letters[0]["id"])
         assert again.returncode == 0, again.stderr
         assert again.stdout.split() == [new_sid]
         assert "requeued already" in again.stderr
@@ -155,13 +144,7 @@ async def test_a_dead_letter_requeued_runs_again_as_a_new_session(tmp_path: Path
         ]
         assert len(requeued) == 1, requeued
         # --again runs it once more, under a new id.
-        forced = await asyncio.to_thread(
-            subprocess.run,
-            [*VOXQUEUE, "dead", "requeue", letters[0]["id"], "--again", "--redis-url", stack.redis.url],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        forced = await asyncio.to_thread(run, stack.redis.url, "dead", "requeue", letters[0]["id"], "--again")
         assert forced.returncode == 0, forced.stderr
         forced_sid = forced.stdout.split()[0]
         assert forced_sid not in (new_sid, "dl1")
@@ -169,13 +152,7 @@ async def test_a_dead_letter_requeued_runs_again_as_a_new_session(tmp_path: Path
         report = await check_marker_session(redis, stack.keys, forced_sid, frames)
         assert report.words == [f"f{n}" for n in range(frames) if n != bad]
 
-        missing = await asyncio.to_thread(
-            subprocess.run,
-            [*VOXQUEUE, "dead", "requeue", "1-1", "--redis-url", stack.redis.url],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        missing = await asyncio.to_thread(run, stack.redis.url, "dead", "requeue", "1-1")
         assert missing.returncode == 2 and "no dead letter 1-1" in missing.stderr
     finally:
         await producer.aclose()
@@ -197,22 +174,7 @@ def test_a_dead_letter_id_in_two_partitions_is_requeued_only_with_its_partition_
         client.close()
 
     def requeue(*extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                *VOXQUEUE,
-                "dead",
-                "requeue",
-                "5-1",
-                *extra,
-                "--partitions",
-                "2",
-                "--redis-url",
-                redis_server.url,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        return run(redis_server.url, "dead", "requeue", "5-1", *extra, "--partitions", "2")
 
     ambiguous = requeue()
     assert ambiguous.returncode == 2 and "in partitions 0, 1" in ambiguous.stderr, ambiguous.stderr
