@@ -5,6 +5,7 @@ replies, takeovers and Redis losing its last writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -380,16 +381,8 @@ class FluxWorld(World):
             self.turns.append((pos, end))
             pos = end + 1 + rng.randint(1, 15)  # silence between turns
         super().__init__(seed, frames)
-        self.rules = sm.Rules(
-            frame_bytes=FB,
-            catchup_speed=0,
-            stall_seconds=1e9,
-            max_frames_per_message=self.rng.randint(1, 5),
-            max_gap_frames=3,
-            max_retries=1000,
-            flux=True,
-            flux_idle_guard=0.1,
-        )
+        # The v1 world's rules, as Flux: no send interval (its default, here and in the emulator).
+        self.rules = dataclasses.replace(self.rules, flux=True, flux_idle_guard=0.1, send_interval=0.0)
         self._new_owner()
 
     def perform(self, action: sm.Action) -> None:
