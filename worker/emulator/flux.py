@@ -201,7 +201,7 @@ class FluxMarkerEngine:
 
     # ------------------------------------------------------------------------------ events
 
-    def _info(self, event: str) -> TurnEvent:
+    def _info(self, event: str, trigger: str | None = None) -> TurnEvent:
         return TurnEvent(
             event=event,
             turn_index=self.turn_index,
@@ -209,18 +209,11 @@ class FluxMarkerEngine:
             window_end=_t(self.frames),
             words=tuple(self._words),
             end_of_turn_confidence=self._confidence,
+            trigger=trigger,
         )
 
     def _end(self, trigger: str) -> TurnEvent:
-        event = TurnEvent(
-            event=END_OF_TURN,
-            turn_index=self.turn_index,
-            window_start=_t(self._window_start),
-            window_end=_t(self.frames),
-            words=tuple(self._words),
-            end_of_turn_confidence=self._confidence,
-            trigger=trigger,
-        )
+        event = self._info(END_OF_TURN, trigger)
         self.turn_index += 1
         self._window_start = self.frames
         self._open = False
